@@ -1,0 +1,32 @@
+"""peft_sparse: sparse and selective fine-tuning methods as Hugging Face PEFT tuners.
+
+Importing the package registers its tuners with stock PEFT, so ``get_peft_model``, ``PeftModel.from_pretrained``,
+``AutoPeftModel*`` and transformers' ``load_adapter`` accept them. PEFT has no plugin discovery: import
+``peft_sparse`` before loading a saved peft_sparse adapter.
+"""
+
+from peft_sparse.registry import check_peft_version
+
+check_peft_version()
+
+from peft_sparse.registry import register_all  # noqa: E402
+
+register_all()
+
+from peft_sparse.callbacks import SparseTrainerCallback  # noqa: E402
+from peft_sparse.calibration import calibrate, requires_calibration  # noqa: E402
+from peft_sparse.tuners import BitFitConfig, BitFitModel, LayerSelectConfig, LayerSelectModel  # noqa: E402
+from peft_sparse.tuners.base import CalibrationRequiredError  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BitFitConfig",
+    "BitFitModel",
+    "CalibrationRequiredError",
+    "LayerSelectConfig",
+    "LayerSelectModel",
+    "SparseTrainerCallback",
+    "calibrate",
+    "requires_calibration",
+]

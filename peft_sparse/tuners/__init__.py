@@ -1,0 +1,22 @@
+"""peft_sparse's tuners, each in PEFT's layout: ``<method>/{config,layer,model}.py``."""
+
+from .bitfit import BitFitConfig, BitFitLayer, BitFitModel
+from .layerselect import LayerSelectConfig, LayerSelectLayer, LayerSelectModel
+
+#: method name -> (config class, tuner model class); registry.py registers each with PEFT.
+METHODS = {
+    "bitfit": (BitFitConfig, BitFitModel),
+    "layerselect": (LayerSelectConfig, LayerSelectModel),
+}
+METHOD_NAMES = tuple(METHODS)
+
+__all__ = [
+    "METHODS",
+    "METHOD_NAMES",
+    "BitFitConfig",
+    "BitFitLayer",
+    "BitFitModel",
+    "LayerSelectConfig",
+    "LayerSelectLayer",
+    "LayerSelectModel",
+]

@@ -1,0 +1,230 @@
+"""Behaviour every peft_sparse tuner shares: atomic target validation, wrapping, checked loading, calibration.
+
+``SparseTunerModel`` sits between PEFT's ``BaseTuner`` and each method's tuner model. It adds what a demanding
+PEFT user expects but PEFT leaves to each method:
+
+* every check runs before the first module is replaced, so bad input leaves the model as it was;
+* an adapter checkpoint is compared key by key and shape by shape with the model before anything is loaded,
+  and a mismatch removes the half-loaded adapter again and raises a ``ValueError`` naming the problem;
+* the calibration protocol (``peft_sparse.calibrate``) and the guard that refuses to train an adapter
+  whose selection has not been measured yet.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any, Optional
+
+import torch
+from peft.config import PeftConfig
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule
+from peft.utils import AuxiliaryTrainingWrapper, _get_submodules
+from peft.utils.constants import DUMMY_TARGET_MODULES
+from torch import nn
+
+from peft_sparse.modules import head_module_names, is_under
+
+
+class CalibrationRequiredError(RuntimeError):
+    """Raised when an adapter whose selection is measured from data is trained before ``calibrate`` ran."""
+
+
+class CalibrationSession:
+    """One calibration run of one tuner: ``step()`` after each backward, ``finish()`` once, ``close()`` always.
+
+    Subclasses accumulate what they measure in ``step`` and turn it into a selection in ``finish``. ``close``
+    must undo any temporary change (``requires_grad`` flags, hooks) whether or not ``finish`` ran.
+    """
+
+    def step(self) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def finish(self) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class SparseTunerModel(BaseTuner):
+    """Base class of peft_sparse's tuner models (a PEFT ``BaseTuner``)."""
+
+    #: the tuner layer class; it must provide ``wrap(target, adapter_name, config)`` and ``update_layer``.
+    tuner_layer_cls: type[BaseTunerLayer]
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def __init__(self, model: nn.Module, *args: Any, **kwargs: Any) -> None:
+        self._calibrating = False
+        # The base model's trainability before PEFT froze it, so that a failed load can give it back as it was.
+        self._base_requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+        super().__init__(model, *args, **kwargs)
+
+    # ----------------------------------------------------------------------------------------------- injection
+    def _resolve_config(self, model: nn.Module, config: PeftConfig) -> PeftConfig:
+        """Fill in model-dependent defaults (e.g. ``target_modules=None``); return the config to inject with."""
+        return config
+
+    def _supports(self, module: nn.Module) -> bool:
+        """Whether this tuner can wrap ``module``."""
+        raise NotImplementedError
+
+    def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> PeftConfig:
+        # Called by PEFT's inject_adapter before any module is touched, for the first adapter and for every
+        # adapter added later, so all validation lives here.
+        config = self._resolve_config(self.model, peft_config)
+        if config.target_modules != DUMMY_TARGET_MODULES:
+            self._validate_targets(self.model, config)
+        return config
+
+    def _targeted_modules(self, model: nn.Module, config: PeftConfig) -> dict[str, nn.Module]:
+        """The modules that ``config`` selects, matched exactly as PEFT's inject_adapter will match them."""
+        found: dict[str, nn.Module] = {}
+        inside_tuner_layers: list[str] = []
+        for key, module in model.named_modules():
+            if not key or is_under(key, inside_tuner_layers):
+                continue
+            if isinstance(module, BaseTunerLayer):
+                inside_tuner_layers.append(key)
+                module = module.get_base_layer()
+                if not self._check_target_module_exists(config, key):
+                    continue
+                found[key] = module
+                continue
+            result = self._check_target_module_exists(config, key)
+            if result and not isinstance(result, _ExcludedModule):
+                found[key] = module
+        return found
+
+    def _validate_targets(self, model: nn.Module, config: PeftConfig) -> None:
+        found = self._targeted_modules(model, config)
+        head = head_module_names(model, config.modules_to_save)
+        targets = config.target_modules
+        if isinstance(targets, (list, set, tuple)):
+            keys = [k for k, _ in model.named_modules()]
+            hits = {t: [k for k in keys if k == t or k.endswith("." + t)] for t in targets}
+            missing = sorted(t for t, ks in hits.items() if not ks)
+            if missing:
+                raise ValueError(
+                    f"target_modules {missing} match no module of {type(model).__name__}. "
+                    "Check the names with `[name for name, _ in model.named_modules()]`."
+                )
+            head_only = sorted(t for t, ks in hits.items() if all(is_under(k, head) for k in ks))
+            if head_only:
+                raise ValueError(
+                    f"target_modules {head_only} are part of the task head (modules_to_save or output embeddings), "
+                    "which is trained whole; remove them from target_modules"
+                )
+        if not found:
+            raise ValueError(f"target_modules={targets!r} selects no module of {type(model).__name__}")
+        unsupported = {k: type(m).__name__ for k, m in found.items() if not self._supports(m)}
+        if unsupported:
+            first = dict(list(unsupported.items())[:5])
+            raise ValueError(
+                f"{type(self).__name__} cannot wrap these target modules (name: type): {first}"
+                + (f" and {len(unsupported) - 5} more" if len(unsupported) > 5 else "")
+            )
+
+    def _create_and_replace(
+        self,
+        peft_config: PeftConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        parameter_name: Optional[str] = None,
+    ) -> None:
+        if isinstance(target, self.tuner_layer_cls):
+            target.update_layer(adapter_name, peft_config)
+            return
+        new_module = self.tuner_layer_cls(target, adapter_name, peft_config)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    # ------------------------------------------------------------------------------------------------- loading
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: PeftConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        problems = cls._checkpoint_problems(model, adapter_name, remapped)
+        if problems:
+            _remove_adapter(model, adapter_name)
+            shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+            raise ValueError(
+                f"The {cls.prefix.rstrip('_')} adapter checkpoint does not fit this model ({shown}). It was saved "
+                "from another architecture, layer selection or tuner configuration; the model was left as it was."
+            )
+        return remapped
+
+    @classmethod
+    def _checkpoint_problems(
+        cls, model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> list[str]:
+        """Keys of this adapter that the checkpoint lacks, has extra, or holds with another shape."""
+        marker = re.compile(rf"(^|\.){re.escape(cls.prefix)}")
+        expected = {
+            k: v
+            for k, v in model.state_dict().items()
+            if marker.search(k) and (k.endswith(f".{adapter_name}") or f".{adapter_name}." in k)
+        }
+        problems = []
+        for key, tensor in state_dict.items():
+            if not marker.search(key):
+                continue
+            if key not in expected:
+                problems.append(f"unexpected key {key}")
+            elif tuple(tensor.shape) != tuple(expected[key].shape):
+                problems.append(f"{key} has shape {tuple(tensor.shape)}, the model {tuple(expected[key].shape)}")
+        problems += [f"missing key {k}" for k in expected if k not in state_dict]
+        return problems
+
+    # --------------------------------------------------------------------------------------------- calibration
+    def needs_calibration(self, adapter_name: str) -> bool:
+        """Whether ``adapter_name`` still waits for ``peft_sparse.calibrate`` to measure its selection."""
+        return False
+
+    def _begin_calibration(self, adapter_names: list[str]) -> CalibrationSession:
+        raise NotImplementedError(f"{type(self).__name__} has no calibration")
+
+    def forward(self, *args: Any, **kwargs: Any):
+        if self.model.training and not self._calibrating:
+            pending = [a for a in self.active_adapters if self.needs_calibration(a)]
+            if pending:
+                raise CalibrationRequiredError(
+                    f"Adapter(s) {pending} choose what to train from data: run "
+                    "`peft_sparse.calibrate(model, batches)` before training (eval-mode forwards are fine)."
+                )
+        return super().forward(*args, **kwargs)
+
+
+def _remove_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Undo a half-loaded adapter: delete it, or restore the base modules if it was the only one."""
+    tuner = getattr(model, "base_model", model)
+    if not isinstance(tuner, BaseTuner) or adapter_name not in tuner.peft_config:
+        return
+    others = [name for name in tuner.peft_config if name != adapter_name]
+    if others:
+        if adapter_name in tuner.active_adapters:
+            tuner.set_adapter(others[0])
+        tuner.delete_adapter(adapter_name)
+        getattr(model, "peft_config", {}).pop(adapter_name, None)
+    else:
+        # Put the original modules back: the head PEFT copied for modules_to_save, then every tuner layer.
+        for name, module in list(tuner.model.named_modules()):
+            if isinstance(module, AuxiliaryTrainingWrapper) and hasattr(module, "original_module"):
+                parent, _, child = _get_submodules(tuner.model, name)
+                setattr(parent, child, module.original_module)
+        tuner._unload_and_optionally_merge(merge=False)
+        for param, requires_grad in getattr(tuner, "_base_requires_grad", []):
+            param.requires_grad_(requires_grad)
+
+
+def shallow_with(config: PeftConfig, **changes: Any) -> PeftConfig:
+    """A shallow copy of ``config`` with some fields replaced (used to inject with resolved values)."""
+    new = copy.copy(config)
+    for name, value in changes.items():
+        setattr(new, name, value)
+    return new

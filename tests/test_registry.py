@@ -1,0 +1,51 @@
+import importlib
+
+import pytest
+from peft import PeftConfig
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+from peft.utils import PeftType
+
+import peft_sparse
+from peft_sparse import registry
+
+
+def test_import_registers_tuners_with_stock_peft():
+    assert registry.registered_methods() == {"bitfit": "bitfit_", "layerselect": "layerselect_"}
+    assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.BITFIT] is peft_sparse.BitFitConfig
+    assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.LAYERSELECT] is peft_sparse.LayerSelectModel
+    # The new members behave like PEFT's own: lookup by value, iteration, .value used by transformers.
+    assert PeftType("BITFIT") is PeftType.BITFIT
+    assert PeftType.LAYERSELECT in list(PeftType)
+    assert PeftType.BITFIT.value.lower() == "bitfit"
+
+
+def test_registration_is_idempotent_on_reimport():
+    n_members = len(PeftType)
+    importlib.reload(registry)
+    registry.register_all()
+    importlib.reload(peft_sparse)
+    assert len(PeftType) == n_members
+    assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.BITFIT].__name__ == "BitFitConfig"
+
+
+def test_untested_peft_version_is_refused_with_a_clear_message():
+    with pytest.raises(ImportError, match=r"peft_sparse supports peft>=0.21.0,<0.22.0, but peft 0.30.1"):
+        registry.check_peft_version("0.30.1")
+    registry.check_peft_version("0.21.2")
+
+
+def test_saved_config_loads_through_peft(tmp_path):
+    cfg = peft_sparse.LayerSelectConfig(layers=[2, 0], task_type="SEQ_CLS")
+    cfg.save_pretrained(tmp_path)
+    loaded = PeftConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, peft_sparse.LayerSelectConfig)
+    assert loaded.layers == [0, 2] and loaded.peft_type is PeftType.LAYERSELECT
+
+
+def test_kernels_are_a_subpackage_not_a_top_level_package():
+    import peft_sparse.kernels
+
+    assert importlib.util.find_spec("kernels") is None or "peft_sparse" not in str(
+        importlib.util.find_spec("kernels").origin
+    )
+    assert isinstance(peft_sparse.kernels.is_triton_available(), bool)
