@@ -15,7 +15,14 @@ register_all()
 
 from peft_sparse.callbacks import SparseTrainerCallback  # noqa: E402
 from peft_sparse.calibration import calibrate, requires_calibration  # noqa: E402
-from peft_sparse.tuners import BitFitConfig, BitFitModel, LayerSelectConfig, LayerSelectModel  # noqa: E402
+from peft_sparse.tuners import (  # noqa: E402
+    BitFitConfig,
+    BitFitModel,
+    LayerSelectConfig,
+    LayerSelectModel,
+    SparseMaskConfig,
+    SparseMaskModel,
+)
 from peft_sparse.tuners.base import CalibrationRequiredError  # noqa: E402
 
 __version__ = "0.1.0"
@@ -26,6 +33,8 @@ __all__ = [
     "CalibrationRequiredError",
     "LayerSelectConfig",
     "LayerSelectModel",
+    "SparseMaskConfig",
+    "SparseMaskModel",
     "SparseTrainerCallback",
     "calibrate",
     "requires_calibration",

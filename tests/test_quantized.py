@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 
-from peft_sparse import BitFitConfig, LayerSelectConfig
+from peft_sparse import BitFitConfig, LayerSelectConfig, SparseMaskConfig
 
 from tiny_models import make_batch
 
@@ -42,14 +42,18 @@ def forward(model, batch):
 @pytest.mark.parametrize("make_config", [
     lambda: BitFitConfig(task_type="CAUSAL_LM"),
     lambda: LayerSelectConfig(task_type="CAUSAL_LM", layers=[1]),
-], ids=["bitfit", "layerselect"])
+    lambda: SparseMaskConfig(task_type="CAUSAL_LM", density=0.02),
+    lambda: SparseMaskConfig(task_type="CAUSAL_LM", mode="mask", sparsity=0.05),
+], ids=["bitfit", "layerselect", "sparsemask-delta", "sparsemask-mask"])
 def test_quantized_base(llama_dir, bits, make_config, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=QUANT[bits], device_map="cpu")
     assert isinstance(base.model.layers[1].self_attn.q_proj, LAYER_TYPES[bits])
     batch = make_batch("llama")
     reference = forward(base, batch)
-    model = get_peft_model(base, make_config())
-    torch.testing.assert_close(forward(model, batch), reference, rtol=0, atol=0)
+    config = make_config()
+    model = get_peft_model(base, config)
+    if getattr(config, "mode", None) != "mask":  # a mask prunes from the start
+        torch.testing.assert_close(forward(model, batch), reference, rtol=0, atol=0)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(2):
         model(**batch).loss.backward()
@@ -65,5 +69,28 @@ def test_quantized_base(llama_dir, bits, make_config, tmp_path):
     merged = model.merge_and_unload()
     assert isinstance(merged.model.layers[1].self_attn.q_proj, LAYER_TYPES[bits])  # still quantized
     # Merging a weight delta re-quantizes it, which costs precision; bias deltas merge exactly.
-    tolerance = {8: 0.02, 4: 0.2}[bits] if "LayerSelect" in type(make_config()).__name__ else 1e-5
+    tolerance = 1e-5 if isinstance(config, BitFitConfig) else {8: 0.02, 4: 0.2}[bits]
     torch.testing.assert_close(forward(merged, batch), trained, rtol=0, atol=tolerance)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_sparse_delta_never_dequantizes_the_weight_per_step(llama_dir, bits, monkeypatch):
+    """A training step calls bitsandbytes' dequantization exactly as often as the bare base layers do."""
+    calls = []
+    for name in ("dequantize_4bit", "int8_vectorwise_dequant", "dequantize_blockwise"):
+        original = getattr(bnb.functional, name)
+        monkeypatch.setattr(bnb.functional, name, lambda *a, _o=original, _n=name, **k: calls.append(_n) or _o(*a, **k))
+    batch = make_batch("llama")
+
+    def count_step(model):
+        calls.clear()
+        model.train()
+        model(**batch).loss.backward()
+        return len(calls)
+
+    base = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=QUANT[bits], device_map="cpu")
+    base.model.embed_tokens.weight.requires_grad_(True)  # so that the bare model has a backward too
+    bare = count_step(base)
+    model = get_peft_model(base, SparseMaskConfig(task_type="CAUSAL_LM", density=0.02))
+    model.base_model.model.model.embed_tokens.weight.requires_grad_(True)  # same backward as the bare run
+    assert count_step(model) == bare

@@ -2,11 +2,13 @@
 
 from .bitfit import BitFitConfig, BitFitLayer, BitFitModel
 from .layerselect import LayerSelectConfig, LayerSelectLayer, LayerSelectModel
+from .sparsemask import SparseMaskConfig, SparseMaskLayer, SparseMaskModel
 
 #: method name -> (config class, tuner model class); registry.py registers each with PEFT.
 METHODS = {
     "bitfit": (BitFitConfig, BitFitModel),
     "layerselect": (LayerSelectConfig, LayerSelectModel),
+    "sparsemask": (SparseMaskConfig, SparseMaskModel),
 }
 METHOD_NAMES = tuple(METHODS)
 
@@ -19,4 +21,7 @@ __all__ = [
     "LayerSelectConfig",
     "LayerSelectLayer",
     "LayerSelectModel",
+    "SparseMaskConfig",
+    "SparseMaskLayer",
+    "SparseMaskModel",
 ]

@@ -77,20 +77,23 @@ class SparseTunerModel(BaseTuner):
             self._validate_targets(self.model, config)
         return config
 
+    @staticmethod
+    def _base_modules(model: nn.Module):
+        """``(name, module)`` for every module a tuner may target: a tuner layer counts as its base layer,
+        and what lives inside tuner layers (``base_layer``, adapter weights) is skipped."""
+        inside: list[str] = []
+        for key, module in model.named_modules():
+            if not key or is_under(key, inside):
+                continue
+            if isinstance(module, BaseTunerLayer):
+                inside.append(key)
+                module = module.get_base_layer()
+            yield key, module
+
     def _targeted_modules(self, model: nn.Module, config: PeftConfig) -> dict[str, nn.Module]:
         """The modules that ``config`` selects, matched exactly as PEFT's inject_adapter will match them."""
         found: dict[str, nn.Module] = {}
-        inside_tuner_layers: list[str] = []
-        for key, module in model.named_modules():
-            if not key or is_under(key, inside_tuner_layers):
-                continue
-            if isinstance(module, BaseTunerLayer):
-                inside_tuner_layers.append(key)
-                module = module.get_base_layer()
-                if not self._check_target_module_exists(config, key):
-                    continue
-                found[key] = module
-                continue
+        for key, module in self._base_modules(model):
             result = self._check_target_module_exists(config, key)
             if result and not isinstance(result, _ExcludedModule):
                 found[key] = module
@@ -136,9 +139,9 @@ class SparseTunerModel(BaseTuner):
         parameter_name: Optional[str] = None,
     ) -> None:
         if isinstance(target, self.tuner_layer_cls):
-            target.update_layer(adapter_name, peft_config)
+            target.update_layer(adapter_name, peft_config, current_key=current_key)
             return
-        new_module = self.tuner_layer_cls(target, adapter_name, peft_config)
+        new_module = self.tuner_layer_cls(target, adapter_name, peft_config, current_key=current_key)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -149,6 +152,11 @@ class SparseTunerModel(BaseTuner):
         cls, model: nn.Module, config: PeftConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        try:
+            remapped = cls._prepare_checkpoint(model, adapter_name, remapped)
+        except ValueError:
+            _remove_adapter(model, adapter_name)
+            raise
         problems = cls._checkpoint_problems(model, adapter_name, remapped)
         if problems:
             _remove_adapter(model, adapter_name)
@@ -158,6 +166,14 @@ class SparseTunerModel(BaseTuner):
                 "from another architecture, layer selection or tuner configuration; the model was left as it was."
             )
         return remapped
+
+    @classmethod
+    def _prepare_checkpoint(
+        cls, model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Hook for tuners with a compact storage format: decode it, resize the adapter to fit, and return the
+        entries left for ``load_state_dict``. A ``ValueError`` here removes the half-loaded adapter."""
+        return state_dict
 
     @classmethod
     def _checkpoint_problems(

@@ -34,9 +34,8 @@ class BitFitModel(SparseTunerModel):
             head = head_module_names(model, config.modules_to_save)
             config.target_modules = sorted(
                 name
-                for name, module in model.named_modules()
-                if name
-                and not is_under(name, head)
+                for name, module in self._base_modules(model)
+                if not is_under(name, head)
                 and (is_linear(module) or (is_norm(module) and getattr(module, "bias", None) is not None))
             )
         return config

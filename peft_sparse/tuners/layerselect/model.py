@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from peft.config import PeftConfig
-from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
+from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils import _get_submodules
 from peft.utils.constants import DUMMY_TARGET_MODULES
 from torch import nn
 
-from peft_sparse.modules import block_index, find_layer_stack, has_own_parameters, is_under
+from peft_sparse.modules import block_index, find_layer_stack, has_own_parameters
 from peft_sparse.tuners.base import CalibrationSession, SparseTunerModel, shallow_with
 
 from .config import LayerSelectConfig
@@ -47,15 +47,9 @@ class LayerSelectModel(SparseTunerModel):
                 f"layers {out_of_range} are out of range: {stack_name} has {len(stack)} blocks (0..{len(stack) - 1})"
             )
         chosen = set(config.layers)
-        wrapped: list[str] = []
         names: list[str] = []
         user_hits: set[str] = set()
-        for key, module in model.named_modules():
-            if is_under(key, wrapped):
-                continue
-            if isinstance(module, BaseTunerLayer):
-                wrapped.append(key)
-                module = module.get_base_layer()
+        for key, module in self._base_modules(model):
             if block_index(key, stack_name) not in chosen or not has_own_parameters(module):
                 continue
             if config.target_modules is not None:

@@ -1,0 +1,99 @@
+"""Configuration of SparseMask: a sparse increment on a chosen support, or a learned mask over the weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+from peft.utils import PeftType
+
+MODES = ("delta", "mask")
+SELECTIONS = ("magnitude", "random", "gradient")
+SAVE_DTYPES = (None, "float32", "bfloat16", "float16")
+
+
+def _check_open_ratio(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 < value < 1.0:
+        raise ValueError(f"`{name}` must be a fraction in (0, 1), got {value!r}")
+
+
+@dataclass
+class SparseMaskConfig(PeftConfig):
+    """Sparse fine-tuning of the targeted weight matrices, in one of two modes.
+
+    ``mode="delta"`` (SIFT, FISH, SpIEL, LT-SFT): each targeted weight ``W`` gets a trainable increment ΔW
+    that is non-zero only on a fixed support holding a fraction ``density`` of its entries (a per-layer
+    budget). The values start at zero (outputs unchanged at init); their gradient is computed directly at
+    the support, so training costs memory in proportion to ``density``.
+
+    ``mode="mask"`` ("How fine can fine-tuning be?", Radiya-Dixit & Wang 2020): learns which pretrained
+    entries to zero, a fraction ``sparsity`` of each targeted weight; no weight value changes. Real-valued
+    keep-scores are thresholded to a hard top-k mask in the forward, with straight-through gradients. The
+    scores live only on a candidate set, the ``mask_candidates × (pruned count)`` lowest-magnitude entries
+    (default 2: twice as many candidates as entries to prune), so their memory is small; ``None`` scores
+    every entry. At init the mask prunes the lowest-magnitude entries. Saved as a bit-packed mask or the
+    pruned indices, whichever is smaller.
+
+    Args:
+        mode: ``"delta"`` or ``"mask"``.
+        density: Delta mode: fraction of each targeted weight that is trained, in (0, 1).
+        sparsity: Mask mode: fraction of each targeted weight that is zeroed, in (0, 1).
+        selection: Delta mode support: ``"magnitude"`` (largest |W|, the default: needs no data),
+            ``"random"`` (seeded, drawn for each layer on its own) or ``"gradient"`` (largest Σ g² of the loss
+            gradient over calibration batches: run ``peft_sparse.calibrate`` before training).
+        block_size: Side of square support blocks (1 = unstructured). With blocks, ``density`` counts blocks
+            of the block grid; a block size that does not divide a layer leaves partial blocks at its edges
+            (clipped to the weight), so every layer works.
+        seed: Seed of ``selection="random"``.
+        mask_candidates: Mask mode: candidates per pruned entry (≥ 1), or ``None`` for all entries.
+        save_dtype: Dtype of the saved values (``None``: the training dtype). ``"bfloat16"`` halves them.
+        target_modules: Modules to train (names, suffixes or a regex). ``None``: every linear layer (``Linear``,
+            GPT-2 ``Conv1D``, bitsandbytes 8/4-bit) inside the model's stack of transformer blocks.
+    """
+
+    mode: Literal["delta", "mask"] = field(default="delta", metadata={"help": "'delta' or 'mask'."})
+    density: float = field(default=0.01, metadata={"help": "Delta mode: fraction of each weight trained."})
+    sparsity: float = field(default=0.1, metadata={"help": "Mask mode: fraction of each weight zeroed."})
+    selection: Literal["magnitude", "random", "gradient"] = field(
+        default="magnitude", metadata={"help": "How the delta support is chosen."}
+    )
+    block_size: int = field(default=1, metadata={"help": "Side of square support blocks; 1 = unstructured."})
+    seed: int = field(default=0, metadata={"help": "Seed for selection='random'."})
+    mask_candidates: Optional[float] = field(
+        default=2.0, metadata={"help": "Mask mode: scored candidates per pruned entry; None: all entries."}
+    )
+    save_dtype: Optional[str] = field(default=None, metadata={"help": "Dtype of saved values; None: as trained."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Modules to train; None: every linear layer in the transformer blocks."}
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules left out."})
+    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Modules trained whole."})
+    layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={"help": "Block indices."})
+    layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Block list name."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.SPARSEMASK
+        if self.mode not in MODES:
+            raise ValueError(f"Unknown mode {self.mode!r}; choose one of {MODES}")
+        _check_open_ratio("density", self.density)
+        _check_open_ratio("sparsity", self.sparsity)
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"Unknown selection {self.selection!r}; choose one of {SELECTIONS}")
+        if self.mode == "mask" and self.selection != "magnitude":
+            raise ValueError("mode='mask' learns its own selection; `selection` applies to mode='delta' only")
+        if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size < 1:
+            raise ValueError(f"`block_size` must be a positive integer, got {self.block_size!r}")
+        if self.mode == "mask" and self.block_size != 1:
+            raise ValueError("mode='mask' prunes single entries; `block_size` applies to mode='delta' only")
+        if self.mask_candidates is not None and not self.mask_candidates >= 1:
+            raise ValueError(f"`mask_candidates` must be ≥ 1 (or None for all entries), got {self.mask_candidates!r}")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise ValueError(f"Unknown save_dtype {self.save_dtype!r}; choose one of {SAVE_DTYPES}")
+        if isinstance(self.target_modules, (list, set, tuple)):
+            self.target_modules = sorted(set(self.target_modules))
+            if not self.target_modules:
+                raise ValueError("target_modules must not be empty; use None for the default")
+        if self.layers_to_transform is not None and self.layers_pattern is None:
+            raise ValueError("layers_to_transform needs layers_pattern (the name of the block list, e.g. 'layer')")

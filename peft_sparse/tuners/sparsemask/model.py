@@ -1,0 +1,160 @@
+"""SparseMask tuner model: default targets, gradient calibration, and the compact checkpoint format."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from peft.config import PeftConfig
+from torch import nn
+
+from peft_sparse import sparse
+from peft_sparse.modules import find_layer_stack, head_module_names, is_linear, is_under
+from peft_sparse.tuners.base import CalibrationSession, SparseTunerModel
+
+from .layer import SparseMaskLayer
+
+_SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class SparseMaskModel(SparseTunerModel):
+    """Sparse-increment (``mode="delta"``) or learned-mask (``mode="mask"``) fine-tuning; see ``SparseMaskConfig``.
+
+    Example::
+
+        >>> model = get_peft_model(model, SparseMaskConfig(task_type="SEQ_CLS", density=0.01))
+    """
+
+    prefix: str = "sparsemask_"
+    tuner_layer_cls = SparseMaskLayer
+
+    def _supports(self, module: nn.Module) -> bool:
+        return is_linear(module)
+
+    def _resolve_config(self, model: nn.Module, config: PeftConfig) -> PeftConfig:
+        if config.target_modules is None:
+            try:
+                stack_name, _ = find_layer_stack(model)
+            except ValueError as error:
+                raise ValueError(f"{error}; give SparseMaskConfig(target_modules=[...]) for this model") from None
+            head = head_module_names(model, config.modules_to_save)
+            config.target_modules = sorted(
+                name
+                for name, module in self._base_modules(model)
+                if is_under(name, [stack_name]) and is_linear(module) and not is_under(name, head)
+            )
+        return config
+
+    def _layers(self):
+        return [(name, m) for name, m in self.model.named_modules() if isinstance(m, SparseMaskLayer)]
+
+    def needs_calibration(self, adapter_name: str) -> bool:
+        return any(adapter_name in layer.pending for _, layer in self._layers())
+
+    def _begin_calibration(self, adapter_names: list[str]) -> CalibrationSession:
+        return _FisherSession(self, adapter_names)
+
+    # ------------------------------------------------------------------------------------- checkpoints
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """Save each support compactly: int16 gap tokens (~2 bytes an entry, or a block), values in
+        ``save_dtype``; a mask as packed bits or the pruned indices, whichever is smaller, and no values."""
+        result = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        save_dtype = _SAVE_DTYPES.get(config.save_dtype)
+        for name, layer in model.named_modules():
+            if not isinstance(layer, SparseMaskLayer) or adapter_name not in layer.sparsemask_delta:
+                continue
+            key = f"{name}.sparsemask_delta.{adapter_name}"
+            values = result.pop(f"{key}.values")
+            result[f"{key}.shape"] = torch.tensor(layer.shape, dtype=torch.int32)  # indices alone cannot tell
+            if layer.modes[adapter_name] == "mask":
+                pruned = layer.pruned_indices(adapter_name)
+                tokens = sparse.encode_indices(pruned)
+                total = layer.shape[0] * layer.shape[1]
+                if 2 * tokens.numel() <= math.ceil(total / 8):
+                    result[f"{key}.pruned"] = tokens
+                else:
+                    mask = torch.zeros(total, dtype=torch.bool)
+                    mask[pruned.cpu()] = True
+                    result[f"{key}.mask"] = sparse.pack_bits(mask)
+                continue
+            block_size = layer.block_sizes[adapter_name]
+            indices = layer.sparsemask_delta[adapter_name].indices
+            if block_size > 1:
+                rows = torch.div(indices, layer.in_features, rounding_mode="floor") // block_size
+                cols = (indices % layer.in_features) // block_size
+                indices = torch.unique(rows * math.ceil(layer.in_features / block_size) + cols)
+            result[f"{key}.support"] = sparse.encode_indices(indices)
+            result[f"{key}.values"] = values.to(save_dtype) if save_dtype is not None else values
+        return result
+
+    @classmethod
+    def _prepare_checkpoint(cls, model, adapter_name, state_dict):
+        """Install each layer's saved support (sizes may differ from a freshly built config), then let PEFT
+        load the values onto it."""
+        state_dict = dict(state_dict)
+        for name, layer in model.named_modules():
+            if not isinstance(layer, SparseMaskLayer) or adapter_name not in layer.sparsemask_delta:
+                continue
+            stored = cls._remove_adapter_name_from_key(f"{name}.sparsemask_delta.{adapter_name}", adapter_name)
+            entries = {
+                kind: state_dict.pop(k)
+                for kind in ("support", "mask", "pruned", "shape")
+                for k in (f"{stored}.{kind}", f"base_model.model.{stored}.{kind}")
+                if k in state_dict
+            }
+            try:
+                saved_shape = tuple(entries["shape"].tolist()) if "shape" in entries else None
+                if saved_shape != layer.shape:
+                    raise ValueError(f"it was saved from a {saved_shape} weight")
+                if layer.modes[adapter_name] == "mask":
+                    if "mask" in entries:
+                        total = layer.shape[0] * layer.shape[1]
+                        pruned = torch.nonzero(sparse.unpack_bits(entries["mask"], total)).flatten()
+                    elif "pruned" in entries:
+                        pruned = sparse.decode_indices(entries["pruned"])
+                    else:
+                        raise ValueError(f"{name} has no saved mask for this mask-mode adapter")
+                    layer.install_mask(adapter_name, pruned, num_pruned=pruned.numel())
+                    # No scores are saved: the rebuilt ones (every candidate pruned) are what gets loaded.
+                    values_key = f"{name}.sparsemask_delta.{adapter_name}.values"
+                    state_dict[values_key] = layer.sparsemask_delta[adapter_name].values.detach().clone()
+                else:
+                    if "support" not in entries:
+                        raise ValueError(f"{name} has no saved support for this delta-mode adapter")
+                    indices = sparse.decode_indices(entries["support"])
+                    block_size = layer.block_sizes[adapter_name]
+                    if block_size > 1:
+                        indices = sparse.block_support(indices, layer.shape, block_size)
+                    layer.sparsemask_delta[adapter_name].set_support(indices)
+                    layer.pending.discard(adapter_name)
+            except (RuntimeError, ValueError) as error:
+                raise ValueError(f"The sparsemask checkpoint does not fit {name} {layer.shape}: {error}") from None
+        leftovers = [k for k in state_dict if k.rsplit(".", 1)[-1] in ("support", "mask", "pruned", "shape")]
+        if leftovers:
+            raise ValueError(f"The sparsemask checkpoint has supports for modules this model lacks: {leftovers[:3]}")
+        return state_dict
+
+
+class _FisherSession(CalibrationSession):
+    """Accumulates Σ (∂L/∂W)² per targeted weight, then installs the top-``density`` support of each."""
+
+    def __init__(self, tuner: SparseMaskModel, adapter_names: list[str]) -> None:
+        self.tuner = tuner
+        self.adapter_names = adapter_names
+        self.layers = [layer for _, layer in tuner._layers() if layer.pending & set(adapter_names)]
+        for layer in self.layers:
+            layer.fisher = torch.zeros(layer.shape, dtype=torch.float32, device=layer.get_base_layer().weight.device)
+
+    def step(self) -> None:
+        pass  # the probes accumulate during backward
+
+    def finish(self) -> None:
+        for layer in self.layers:
+            for adapter in self.adapter_names:
+                if adapter in layer.pending:
+                    layer.install_gradient_support(adapter, layer.fisher, self.tuner.peft_config[adapter])
+
+    def close(self) -> None:
+        for layer in self.layers:
+            layer.fisher = None
