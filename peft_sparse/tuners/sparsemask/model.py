@@ -8,13 +8,11 @@ import torch
 from peft.config import PeftConfig
 from torch import nn
 
-from peft_sparse import sparse
+from peft_sparse import sparse, storage
 from peft_sparse.modules import find_layer_stack, head_module_names, is_linear, is_under
 from peft_sparse.tuners.base import CalibrationSession, SparseTunerModel
 
 from .layer import SparseMaskLayer
-
-_SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class SparseMaskModel(SparseTunerModel):
@@ -57,35 +55,24 @@ class SparseMaskModel(SparseTunerModel):
     # ------------------------------------------------------------------------------------- checkpoints
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        """Save each support compactly: int16 gap tokens (~2 bytes an entry, or a block), values in
-        ``save_dtype``; a mask as packed bits or the pruned indices, whichever is smaller, and no values."""
+        """Save each support compactly (see ``peft_sparse.storage``): a delta as its support (entries, or
+        blocks) and values in ``save_dtype``; a mask as packed bits or the pruned indices, with no values."""
         result = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        save_dtype = _SAVE_DTYPES.get(config.save_dtype)
         for name, layer in model.named_modules():
             if not isinstance(layer, SparseMaskLayer) or adapter_name not in layer.sparsemask_delta:
                 continue
             key = f"{name}.sparsemask_delta.{adapter_name}"
             values = result.pop(f"{key}.values")
-            result[f"{key}.shape"] = torch.tensor(layer.shape, dtype=torch.int32)  # indices alone cannot tell
             if layer.modes[adapter_name] == "mask":
-                pruned = layer.pruned_indices(adapter_name)
-                tokens = sparse.encode_indices(pruned)
-                total = layer.shape[0] * layer.shape[1]
-                if 2 * tokens.numel() <= math.ceil(total / 8):
-                    result[f"{key}.pruned"] = tokens
-                else:
-                    mask = torch.zeros(total, dtype=torch.bool)
-                    mask[pruned.cpu()] = True
-                    result[f"{key}.mask"] = sparse.pack_bits(mask)
+                result.update(storage.mask_entries(key, layer.pruned_indices(adapter_name), layer.shape))
                 continue
             block_size = layer.block_sizes[adapter_name]
             indices = layer.sparsemask_delta[adapter_name].indices
-            if block_size > 1:
+            if block_size > 1:  # save block ids, not their entries
                 rows = torch.div(indices, layer.in_features, rounding_mode="floor") // block_size
                 cols = (indices % layer.in_features) // block_size
                 indices = torch.unique(rows * math.ceil(layer.in_features / block_size) + cols)
-            result[f"{key}.support"] = sparse.encode_indices(indices)
-            result[f"{key}.values"] = values.to(save_dtype) if save_dtype is not None else values
+            result.update(storage.sparse_entries(key, indices, values, layer.shape, config.save_dtype))
         return result
 
     @classmethod
@@ -97,32 +84,19 @@ class SparseMaskModel(SparseTunerModel):
             if not isinstance(layer, SparseMaskLayer) or adapter_name not in layer.sparsemask_delta:
                 continue
             stored = cls._remove_adapter_name_from_key(f"{name}.sparsemask_delta.{adapter_name}", adapter_name)
-            entries = {
-                kind: state_dict.pop(k)
-                for kind in ("support", "mask", "pruned", "shape")
-                for k in (f"{stored}.{kind}", f"base_model.model.{stored}.{kind}")
-                if k in state_dict
-            }
+            values_key = f"{name}.sparsemask_delta.{adapter_name}.values"
             try:
-                saved_shape = tuple(entries["shape"].tolist()) if "shape" in entries else None
-                if saved_shape != layer.shape:
-                    raise ValueError(f"it was saved from a {saved_shape} weight")
+                saved = storage.read_entries(state_dict, stored, layer.shape)
                 if layer.modes[adapter_name] == "mask":
-                    if "mask" in entries:
-                        total = layer.shape[0] * layer.shape[1]
-                        pruned = torch.nonzero(sparse.unpack_bits(entries["mask"], total)).flatten()
-                    elif "pruned" in entries:
-                        pruned = sparse.decode_indices(entries["pruned"])
-                    else:
-                        raise ValueError(f"{name} has no saved mask for this mask-mode adapter")
-                    layer.install_mask(adapter_name, pruned, num_pruned=pruned.numel())
+                    if "pruned" not in saved:
+                        raise ValueError("no mask is saved for this mask-mode adapter")
+                    layer.install_mask(adapter_name, saved["pruned"], num_pruned=saved["pruned"].numel())
                     # No scores are saved: the rebuilt ones (every candidate pruned) are what gets loaded.
-                    values_key = f"{name}.sparsemask_delta.{adapter_name}.values"
                     state_dict[values_key] = layer.sparsemask_delta[adapter_name].values.detach().clone()
                 else:
-                    if "support" not in entries:
-                        raise ValueError(f"{name} has no saved support for this delta-mode adapter")
-                    indices = sparse.decode_indices(entries["support"])
+                    if "indices" not in saved:
+                        raise ValueError("no support is saved for this delta-mode adapter")
+                    indices = saved["indices"]
                     block_size = layer.block_sizes[adapter_name]
                     if block_size > 1:
                         indices = sparse.block_support(indices, layer.shape, block_size)
@@ -130,9 +104,9 @@ class SparseMaskModel(SparseTunerModel):
                     layer.pending.discard(adapter_name)
             except (RuntimeError, ValueError) as error:
                 raise ValueError(f"The sparsemask checkpoint does not fit {name} {layer.shape}: {error}") from None
-        leftovers = [k for k in state_dict if k.rsplit(".", 1)[-1] in ("support", "mask", "pruned", "shape")]
+        leftovers = storage.leftover_keys(state_dict)
         if leftovers:
-            raise ValueError(f"The sparsemask checkpoint has supports for modules this model lacks: {leftovers[:3]}")
+            raise ValueError(f"The sparsemask checkpoint has entries for modules this model lacks: {leftovers[:3]}")
         return state_dict
 
 

@@ -1,0 +1,84 @@
+"""The compact checkpoint format every peft_sparse tuner uses for sparse entries, in one place.
+
+A sparse tensor over an ``(out, in)`` weight is saved as three entries under one key:
+
+* ``<key>.support``: int16 gap tokens of the sorted flat indices (``sparse.encode_indices``, ~2 bytes an entry);
+* ``<key>.values``: the values at those indices, in the training dtype or a chosen ``save_dtype``;
+* ``<key>.shape``: the weight's ``(out, in)`` as int32, so that a checkpoint cannot load onto another shape.
+
+A binary mask is saved as ``<key>.mask`` (bits, ``sparse.pack_bits``) or ``<key>.pruned`` (gap tokens),
+whichever is smaller. ``read_entries`` pops one key's entries from a checkpoint state dict and checks the shape.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from peft_sparse import sparse
+
+KINDS = ("support", "values", "shape", "mask", "pruned")
+SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def sparse_entries(
+    key: str, indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, int], save_dtype: Optional[str] = None
+) -> dict[str, torch.Tensor]:
+    """The checkpoint entries of a sparse tensor (``values`` at sorted flat ``indices``)."""
+    dtype = SAVE_DTYPES.get(save_dtype) if save_dtype else None
+    return {
+        f"{key}.support": sparse.encode_indices(indices),
+        f"{key}.values": values.detach().to(dtype) if dtype is not None else values.detach(),
+        f"{key}.shape": torch.tensor(shape, dtype=torch.int32),
+    }
+
+
+def mask_entries(key: str, pruned: torch.Tensor, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """The checkpoint entries of a binary mask given by its ``pruned`` flat indices: bits or indices."""
+    total = shape[0] * shape[1]
+    tokens = sparse.encode_indices(pruned)
+    entries = {f"{key}.shape": torch.tensor(shape, dtype=torch.int32)}
+    if 2 * tokens.numel() <= math.ceil(total / 8):
+        entries[f"{key}.pruned"] = tokens
+    else:
+        mask = torch.zeros(total, dtype=torch.bool)
+        mask[pruned.cpu()] = True
+        entries[f"{key}.mask"] = sparse.pack_bits(mask)
+    return entries
+
+
+def read_entries(
+    state_dict: dict[str, torch.Tensor], key: str, shape: tuple[int, int], keep_values: bool = True
+) -> dict[str, torch.Tensor]:
+    """Pop the entries saved under ``key`` (with or without PEFT's ``base_model.model.`` prefix).
+
+    Returns ``{"indices": ..., ["values": ...]}`` for a sparse tensor or ``{"pruned": ...}`` for a mask, and
+    raises ``ValueError`` when nothing is saved under ``key`` or it was saved from another shape. With
+    ``keep_values`` the values stay in ``state_dict`` for PEFT's own loading.
+    """
+    found: dict[str, torch.Tensor] = {}
+    for kind in KINDS:
+        for candidate in (f"{key}.{kind}", f"base_model.model.{key}.{kind}"):
+            if candidate in state_dict:
+                found[kind] = state_dict[candidate] if (kind == "values" and keep_values) else state_dict.pop(candidate)
+    if "shape" not in found:
+        raise ValueError(f"nothing is saved for {key}")
+    saved_shape = tuple(found["shape"].tolist())
+    if saved_shape != tuple(shape):
+        raise ValueError(f"{key} was saved from a {saved_shape} weight, the model's is {tuple(shape)}")
+    if "mask" in found:
+        total = shape[0] * shape[1]
+        return {"pruned": torch.nonzero(sparse.unpack_bits(found["mask"], total)).flatten()}
+    if "pruned" in found:
+        return {"pruned": sparse.decode_indices(found["pruned"])}
+    result = {"indices": sparse.decode_indices(found["support"])}
+    if "values" in found:
+        result["values"] = found["values"]
+    return result
+
+
+def leftover_keys(state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Compact-format entries that no module of the model claimed (a checkpoint of another model)."""
+    return [k for k in state_dict if k.rsplit(".", 1)[-1] in ("support", "shape", "mask", "pruned")]
