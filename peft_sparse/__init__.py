@@ -18,6 +18,8 @@ from peft_sparse.calibration import calibrate, requires_calibration  # noqa: E40
 from peft_sparse.tuners import (  # noqa: E402
     BitFitConfig,
     BitFitModel,
+    DPSConfig,
+    DPSModel,
     LayerSelectConfig,
     LayerSelectModel,
     SparseMaskConfig,
@@ -31,6 +33,8 @@ __all__ = [
     "BitFitConfig",
     "BitFitModel",
     "CalibrationRequiredError",
+    "DPSConfig",
+    "DPSModel",
     "LayerSelectConfig",
     "LayerSelectModel",
     "SparseMaskConfig",

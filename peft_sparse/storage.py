@@ -19,7 +19,7 @@ import torch
 
 from peft_sparse import sparse
 
-KINDS = ("support", "values", "shape", "mask", "pruned")
+KINDS = ("support", "values", "shape", "mask", "pruned")  # and "dense" (delta_entries)
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -81,4 +81,33 @@ def read_entries(
 
 def leftover_keys(state_dict: dict[str, torch.Tensor]) -> list[str]:
     """Compact-format entries that no module of the model claimed (a checkpoint of another model)."""
-    return [k for k in state_dict if k.rsplit(".", 1)[-1] in ("support", "shape", "mask", "pruned")]
+    return [k for k in state_dict if k.rsplit(".", 1)[-1] in ("support", "shape", "mask", "pruned", "dense")]
+
+
+def delta_entries(
+    key: str, delta: torch.Tensor, save_dtype: Optional[str] = None
+) -> dict[str, torch.Tensor]:
+    """A dense ``(out, in)`` increment saved by its non-zero entries, or whole (``<key>.dense``) when that
+    is smaller: a delta that changed most entries costs no more than the dense tensor."""
+    flat = delta.detach().reshape(-1)
+    indices = torch.nonzero(flat).flatten()
+    dtype = SAVE_DTYPES.get(save_dtype) if save_dtype else flat.dtype
+    value_bytes = torch.empty(0, dtype=dtype).element_size()
+    if indices.numel() * (2 + value_bytes) < flat.numel() * value_bytes:
+        return sparse_entries(key, indices, flat[indices], tuple(delta.shape), save_dtype)
+    return {f"{key}.dense": delta.detach().to(dtype), f"{key}.shape": torch.tensor(delta.shape, dtype=torch.int32)}
+
+
+def read_delta(state_dict: dict[str, torch.Tensor], key: str, shape: tuple[int, int]) -> torch.Tensor:
+    """Pop what ``delta_entries`` saved under ``key`` and return the dense increment (values' dtype)."""
+    for prefix in ("", "base_model.model."):
+        if f"{prefix}{key}.dense" in state_dict:
+            dense = state_dict.pop(f"{prefix}{key}.dense")
+            saved_shape = tuple(state_dict.pop(f"{prefix}{key}.shape").tolist())
+            if saved_shape != tuple(shape) or tuple(dense.shape) != tuple(shape):
+                raise ValueError(f"{key} was saved from a {saved_shape} weight, the model's is {tuple(shape)}")
+            return dense
+    saved = read_entries(state_dict, key, shape, keep_values=False)
+    if "values" not in saved:
+        raise ValueError(f"no values are saved for {key}")
+    return sparse.scatter_to_dense(saved["indices"], saved["values"], tuple(shape))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 
-from peft_sparse import BitFitConfig, LayerSelectConfig, SparseMaskConfig
+from peft_sparse import BitFitConfig, DPSConfig, LayerSelectConfig, SparseMaskConfig
 
 from tiny_models import make_batch
 
@@ -44,7 +44,8 @@ def forward(model, batch):
     lambda: LayerSelectConfig(task_type="CAUSAL_LM", layers=[1]),
     lambda: SparseMaskConfig(task_type="CAUSAL_LM", density=0.02),
     lambda: SparseMaskConfig(task_type="CAUSAL_LM", mode="mask", sparsity=0.05),
-], ids=["bitfit", "layerselect", "sparsemask-delta", "sparsemask-mask"])
+    lambda: DPSConfig(task_type="CAUSAL_LM", total_step=2, update_ratio=0.5),
+], ids=["bitfit", "layerselect", "sparsemask-delta", "sparsemask-mask", "dps"])
 def test_quantized_base(llama_dir, bits, make_config, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=QUANT[bits], device_map="cpu")
     assert isinstance(base.model.layers[1].self_attn.q_proj, LAYER_TYPES[bits])
@@ -55,9 +56,11 @@ def test_quantized_base(llama_dir, bits, make_config, tmp_path):
     if getattr(config, "mode", None) != "mask":  # a mask prunes from the start
         torch.testing.assert_close(forward(model, batch), reference, rtol=0, atol=0)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(2):
+    for step in range(2):
         model(**batch).loss.backward()
         opt.step()
+        if hasattr(model.base_model, "update_and_allocate"):
+            model.base_model.update_and_allocate(step)
         opt.zero_grad()
     trained = forward(model, batch)
     assert (trained - reference).abs().max() > 1e-3

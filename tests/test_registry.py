@@ -10,7 +10,9 @@ from peft_sparse import registry
 
 
 def test_import_registers_tuners_with_stock_peft():
-    assert registry.registered_methods() == {"bitfit": "bitfit_", "layerselect": "layerselect_", "sparsemask": "sparsemask_"}
+    assert registry.registered_methods() == {
+        "bitfit": "bitfit_", "layerselect": "layerselect_", "sparsemask": "sparsemask_", "dps": "dps_",
+    }
     assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.BITFIT] is peft_sparse.BitFitConfig
     assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.LAYERSELECT] is peft_sparse.LayerSelectModel
     # The new members behave like PEFT's own: lookup by value, iteration, .value used by transformers.

@@ -1,6 +1,7 @@
 """peft_sparse's tuners, each in PEFT's layout: ``<method>/{config,layer,model}.py``."""
 
 from .bitfit import BitFitConfig, BitFitLayer, BitFitModel
+from .dps import DPSConfig, DPSLayer, DPSModel
 from .layerselect import LayerSelectConfig, LayerSelectLayer, LayerSelectModel
 from .sparsemask import SparseMaskConfig, SparseMaskLayer, SparseMaskModel
 
@@ -9,6 +10,7 @@ METHODS = {
     "bitfit": (BitFitConfig, BitFitModel),
     "layerselect": (LayerSelectConfig, LayerSelectModel),
     "sparsemask": (SparseMaskConfig, SparseMaskModel),
+    "dps": (DPSConfig, DPSModel),
 }
 METHOD_NAMES = tuple(METHODS)
 
@@ -18,6 +20,9 @@ __all__ = [
     "BitFitConfig",
     "BitFitLayer",
     "BitFitModel",
+    "DPSConfig",
+    "DPSLayer",
+    "DPSModel",
     "LayerSelectConfig",
     "LayerSelectLayer",
     "LayerSelectModel",

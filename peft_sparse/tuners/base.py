@@ -23,7 +23,7 @@ from peft.utils import AuxiliaryTrainingWrapper, _get_submodules
 from peft.utils.constants import DUMMY_TARGET_MODULES
 from torch import nn
 
-from peft_sparse.modules import head_module_names, is_under
+from peft_sparse.modules import find_layer_stack, head_module_names, is_linear, is_under
 
 
 class CalibrationRequiredError(RuntimeError):
@@ -64,6 +64,20 @@ class SparseTunerModel(BaseTuner):
     def _resolve_config(self, model: nn.Module, config: PeftConfig) -> PeftConfig:
         """Fill in model-dependent defaults (e.g. ``target_modules=None``); return the config to inject with."""
         return config
+
+    def _block_linear_names(self, model: nn.Module, config: PeftConfig) -> list[str]:
+        """Every linear layer inside the stack of transformer blocks, outside the task head: the default
+        target of the tuners that train weight matrices."""
+        try:
+            stack_name, _ = find_layer_stack(model)
+        except ValueError as error:
+            raise ValueError(f"{error}; give {type(config).__name__}(target_modules=[...]) for this model") from None
+        head = head_module_names(model, config.modules_to_save)
+        return sorted(
+            name
+            for name, module in self._base_modules(model)
+            if is_under(name, [stack_name]) and is_linear(module) and not is_under(name, head)
+        )
 
     def _supports(self, module: nn.Module) -> bool:
         """Whether this tuner can wrap ``module``."""

@@ -9,7 +9,7 @@ from peft.config import PeftConfig
 from torch import nn
 
 from peft_sparse import sparse, storage
-from peft_sparse.modules import find_layer_stack, head_module_names, is_linear, is_under
+from peft_sparse.modules import is_linear
 from peft_sparse.tuners.base import CalibrationSession, SparseTunerModel
 
 from .layer import SparseMaskLayer
@@ -31,16 +31,7 @@ class SparseMaskModel(SparseTunerModel):
 
     def _resolve_config(self, model: nn.Module, config: PeftConfig) -> PeftConfig:
         if config.target_modules is None:
-            try:
-                stack_name, _ = find_layer_stack(model)
-            except ValueError as error:
-                raise ValueError(f"{error}; give SparseMaskConfig(target_modules=[...]) for this model") from None
-            head = head_module_names(model, config.modules_to_save)
-            config.target_modules = sorted(
-                name
-                for name, module in self._base_modules(model)
-                if is_under(name, [stack_name]) and is_linear(module) and not is_under(name, head)
-            )
+            config.target_modules = self._block_linear_names(model, config)
         return config
 
     def _layers(self):

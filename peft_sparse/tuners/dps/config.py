@@ -1,0 +1,91 @@
+"""Configuration of DPS: dynamic parameter selection (Zhang et al., NeurIPS 2022)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+from peft.utils import PeftType
+
+VARIANTS = ("dense", "mix")
+MASKINGS = ("strict", "gradient-only")
+
+
+@dataclass
+class DPSConfig(PeftConfig):
+    """Dynamic parameter selection: alternate stages that update the whole weight and a chosen subnetwork.
+
+    Each targeted weight gets a trainable increment ΔW (zero at init). Training alternates stages of
+    ``update_ratio × total steps`` optimizer steps. In stage I every entry is updated (``variant="dense"``),
+    or a Mixout-style random subset of input columns (``variant="mix"``, each column kept with probability
+    ``keep_ratio``), while a gradient-accumulation score Σg² is kept (for ``mix`` divided by how often each
+    entry was sampled, and damped by exp(−count/U) when stages last 50 steps or more, as in the authors'
+    code). In stage II only the ``keep_ratio`` highest-scoring entries of each weight matrix are updated.
+
+    ``keep_ratio`` is the fraction *updated*. The authors' ``--reserve_p`` is the fraction dropped:
+    ``reserve_p=0.3`` is ``keep_ratio=0.7``.
+
+    ``masking="strict"`` (the default) guarantees that entries outside the stage-II subnetwork do not move
+    at all: their gradient is masked and, after each optimizer step, any change that AdamW's momentum or
+    weight decay made to them is undone. ``masking="gradient-only"`` masks the gradient only, as the
+    authors' code does, so momentum and weight decay still move the "frozen" entries.
+
+    The schedule needs the run's length: the ``SparseTrainerCallback`` reads it from the ``Trainer``; a plain
+    loop sets ``total_step`` and calls ``model.base_model.update_and_allocate(step)`` after each
+    ``optimizer.step()``, before ``optimizer.zero_grad()``.
+
+    Args:
+        variant: ``"dense"`` or ``"mix"`` (stage I).
+        keep_ratio: Fraction of each weight matrix updated in stage II (and kept per column in mix stage I).
+        update_ratio: Length of a stage as a fraction of the total steps.
+        total_step: Total optimizer steps (plain loops; the Trainer callback fills it in).
+        masking: ``"strict"`` or ``"gradient-only"``.
+        save_dtype: Dtype of the saved increments (``None``: the training dtype).
+        target_modules: Modules to train. ``None``: every linear layer inside the transformer blocks.
+    """
+
+    variant: Literal["dense", "mix"] = field(default="dense", metadata={"help": "'dense' or 'mix' stage I."})
+    keep_ratio: float = field(default=0.7, metadata={"help": "Fraction of each weight updated in stage II."})
+    update_ratio: float = field(default=0.05, metadata={"help": "Stage length as a fraction of total steps."})
+    total_step: Optional[int] = field(default=None, metadata={"help": "Total optimizer steps (plain loops)."})
+    masking: Literal["strict", "gradient-only"] = field(default="strict", metadata={"help": "Stage-II masking."})
+    save_dtype: Optional[str] = field(default=None, metadata={"help": "Dtype of saved increments."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Modules to train; None: every linear layer in the transformer blocks."}
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules left out."})
+    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Modules trained whole."})
+    layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={"help": "Block indices."})
+    layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Block list name."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.DPS
+        if self.variant not in VARIANTS:
+            raise ValueError(f"Unknown variant {self.variant!r}; choose one of {VARIANTS}")
+        if self.masking not in MASKINGS:
+            raise ValueError(f"Unknown masking {self.masking!r}; choose one of {MASKINGS}")
+        for name in ("keep_ratio", "update_ratio"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 < value < 1.0:
+                raise ValueError(f"`{name}` must be a fraction in (0, 1), got {value!r}")
+        if self.total_step is not None and (not isinstance(self.total_step, int) or self.total_step < 1):
+            raise ValueError(f"`total_step` must be a positive integer, got {self.total_step!r}")
+        if self.save_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"Unknown save_dtype {self.save_dtype!r}")
+        if isinstance(self.target_modules, (list, set, tuple)):
+            self.target_modules = sorted(set(self.target_modules))
+            if not self.target_modules:
+                raise ValueError("target_modules must not be empty; use None for the default")
+        if self.layers_to_transform is not None and self.layers_pattern is None:
+            raise ValueError("layers_to_transform needs layers_pattern (the name of the block list, e.g. 'layer')")
+
+    def stage_length(self) -> int:
+        """U: optimizer steps per stage."""
+        if self.total_step is None:
+            raise ValueError(
+                "DPS needs the run's length: train with the transformers Trainer and "
+                "peft_sparse.SparseTrainerCallback, or set DPSConfig(total_step=...) for a plain loop"
+            )
+        return max(1, int(self.total_step * self.update_ratio))
