@@ -22,6 +22,8 @@ from peft_sparse.tuners import (  # noqa: E402
     DPSModel,
     LayerSelectConfig,
     LayerSelectModel,
+    LearnerConfig,
+    LearnerModel,
     SparseMaskConfig,
     SparseMaskModel,
 )
@@ -37,6 +39,8 @@ __all__ = [
     "DPSModel",
     "LayerSelectConfig",
     "LayerSelectModel",
+    "LearnerConfig",
+    "LearnerModel",
     "SparseMaskConfig",
     "SparseMaskModel",
     "SparseTrainerCallback",

@@ -76,6 +76,8 @@ def calibrate(model: nn.Module, batches: Iterable[Mapping[str, Any]], num_batche
             loss.backward()
             session.step()
             used += 1
+            if session.done:
+                break
         if used == 0:
             raise ValueError("calibrate() got no batches")
         session.finish()

@@ -198,7 +198,7 @@ class SparseDelta(nn.Module):
         self.register_buffer("indices", torch.empty(0, dtype=torch.int64, device=device), persistent=False)
         self.values = nn.Parameter(torch.zeros(0, dtype=dtype, device=device))
         self._csr: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-        self._derived: dict[str, tuple[torch.Tensor, object]] = {}  # name -> (the indices it came from, value)
+        self._derived: dict[str, tuple] = {}  # name -> (the indices and block size it came from, value)
         self.set_support(indices)
 
     @property
@@ -234,11 +234,11 @@ class SparseDelta(nn.Module):
         return self._csr
 
     def _cached(self, name: str, derive):
-        """``derive()``, kept until the support changes (or moves to another device)."""
+        """``derive()``, kept until the support (or ``block_size``) changes, or the support moves to another device."""
         entry = self._derived.get(name)
-        if entry is None or entry[0] is not self.indices:
-            entry = self._derived[name] = (self.indices, derive())
-        return entry[1]
+        if entry is None or entry[0] is not self.indices or entry[1] != self.block_size:
+            entry = self._derived[name] = (self.indices, self.block_size, derive())
+        return entry[2]
 
     def csc_pattern(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(ccol_indices, row_indices, order)``: the support in CSC order, ``values[order]`` its values."""

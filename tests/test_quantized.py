@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 
-from peft_sparse import BitFitConfig, DPSConfig, LayerSelectConfig, SparseMaskConfig
+from peft_sparse import BitFitConfig, DPSConfig, LayerSelectConfig, LearnerConfig, SparseMaskConfig
 
 from tiny_models import make_batch
 
@@ -45,7 +45,8 @@ def forward(model, batch):
     lambda: SparseMaskConfig(task_type="CAUSAL_LM", density=0.02),
     lambda: SparseMaskConfig(task_type="CAUSAL_LM", mode="mask", sparsity=0.05),
     lambda: DPSConfig(task_type="CAUSAL_LM", total_step=2, update_ratio=0.5),
-], ids=["bitfit", "layerselect", "sparsemask-delta", "sparsemask-mask", "dps"])
+    lambda: LearnerConfig(task_type="CAUSAL_LM", priming_steps=0),
+], ids=["bitfit", "layerselect", "sparsemask-delta", "sparsemask-mask", "dps", "learner"])
 def test_quantized_base(llama_dir, bits, make_config, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=QUANT[bits], device_map="cpu")
     assert isinstance(base.model.layers[1].self_attn.q_proj, LAYER_TYPES[bits])

@@ -12,6 +12,7 @@ from peft_sparse import registry
 def test_import_registers_tuners_with_stock_peft():
     assert registry.registered_methods() == {
         "bitfit": "bitfit_", "layerselect": "layerselect_", "sparsemask": "sparsemask_", "dps": "dps_",
+        "learner": "learner_",
     }
     assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.BITFIT] is peft_sparse.BitFitConfig
     assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.LAYERSELECT] is peft_sparse.LayerSelectModel

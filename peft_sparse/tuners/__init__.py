@@ -3,6 +3,7 @@
 from .bitfit import BitFitConfig, BitFitLayer, BitFitModel
 from .dps import DPSConfig, DPSLayer, DPSModel
 from .layerselect import LayerSelectConfig, LayerSelectLayer, LayerSelectModel
+from .learner import LearnerConfig, LearnerLayer, LearnerModel
 from .sparsemask import SparseMaskConfig, SparseMaskLayer, SparseMaskModel
 
 #: method name -> (config class, tuner model class); registry.py registers each with PEFT.
@@ -11,6 +12,7 @@ METHODS = {
     "layerselect": (LayerSelectConfig, LayerSelectModel),
     "sparsemask": (SparseMaskConfig, SparseMaskModel),
     "dps": (DPSConfig, DPSModel),
+    "learner": (LearnerConfig, LearnerModel),
 }
 METHOD_NAMES = tuple(METHODS)
 
@@ -26,6 +28,9 @@ __all__ = [
     "LayerSelectConfig",
     "LayerSelectLayer",
     "LayerSelectModel",
+    "LearnerConfig",
+    "LearnerLayer",
+    "LearnerModel",
     "SparseMaskConfig",
     "SparseMaskLayer",
     "SparseMaskModel",

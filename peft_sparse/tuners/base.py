@@ -37,6 +37,9 @@ class CalibrationSession:
     must undo any temporary change (``requires_grad`` flags, hooks) whether or not ``finish`` ran.
     """
 
+    #: Set to True by a session that has seen enough batches (priming's fixed number of steps).
+    done: bool = False
+
     def step(self) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -155,10 +158,15 @@ class SparseTunerModel(BaseTuner):
         if isinstance(target, self.tuner_layer_cls):
             target.update_layer(adapter_name, peft_config, current_key=current_key)
             return
-        new_module = self.tuner_layer_cls(target, adapter_name, peft_config, current_key=current_key)
+        kwargs = self._layer_kwargs(peft_config, current_key)
+        new_module = self.tuner_layer_cls(target, adapter_name, peft_config, current_key=current_key, **kwargs)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _layer_kwargs(self, config: PeftConfig, key: str) -> dict[str, Any]:
+        """Extra constructor arguments of the tuner layer wrapping module ``key`` (e.g. its role)."""
+        return {}
 
     # ------------------------------------------------------------------------------------------------- loading
     @classmethod

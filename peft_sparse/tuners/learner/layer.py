@@ -1,0 +1,141 @@
+"""Learner tuner layer: the increment of a few FFN nodes (rows of an up projection, or columns of a down one)."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.utils.quantization_utils import resolve_quantization_backend
+from torch import nn
+
+from peft_sparse.modules import dense_weight, is_linear, out_features
+
+from .config import LearnerConfig
+
+
+class LearnerLayer(nn.Module, BaseTunerLayer):
+    """One projection of an FFN with its Learner part.
+
+    ``role="up"`` (up or gate projection): ``y = base(x)``, plus ``x @ ΔW_Sᵀ + Δb_S`` added to the hidden
+    nodes ``S``. ``role="down"``: ``y = base(h) + h[..., S] @ ΔW_Sᵀ``. ``S`` (``learner_nodes``) is shared by
+    the projections of one FFN and may be empty (a Learner waiting for priming).
+    """
+
+    adapter_layer_names = ("learner_weight", "learner_bias")
+    other_param_names = ("learner_nodes",)
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LearnerConfig, role: str = "up",
+                 **kwargs: Any) -> None:
+        super().__init__()
+        if not is_linear(base_layer):
+            raise TypeError(f"Learners wrap linear FFN projections, not {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.quantization_backend = resolve_quantization_backend(base_layer)
+        self.role = role
+        self.learner_weight = nn.ParameterDict({})
+        self.learner_bias = nn.ParameterDict({})
+        self.learner_nodes = BufferDict({}, persistent=True)
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._active_adapter = adapter_name
+        self.in_features = base_layer.in_features if hasattr(base_layer, "in_features") else base_layer.nx
+        self.out_features = out_features(base_layer)
+        self.update_layer(adapter_name, config)
+
+    @property
+    def num_nodes(self) -> int:
+        """Hidden nodes of the FFN this projection belongs to."""
+        return self.out_features if self.role == "up" else self.in_features
+
+    def update_layer(self, adapter_name: str, config: LearnerConfig, **kwargs: Any) -> None:
+        self.set_nodes(adapter_name, torch.zeros(0, dtype=torch.int64))
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def set_nodes(self, adapter_name: str, nodes: torch.Tensor, keep_values: bool = False) -> None:
+        """Make ``nodes`` (sorted hidden-node indices) the Learner; with ``keep_values`` their current
+        increments are kept (after priming), otherwise they start at zero."""
+        base = self.get_base_layer()
+        device = base.weight.device
+        dtype = torch.float32 if self.quantization_backend is not None else base.weight.dtype
+        nodes = nodes.to(device=device, dtype=torch.int64)
+        weight = torch.zeros((len(nodes), self.in_features) if self.role == "up" else (self.out_features, len(nodes)),
+                             dtype=dtype, device=device)
+        bias = torch.zeros(len(nodes), dtype=dtype, device=device)
+        if keep_values and adapter_name in self.learner_nodes:
+            position = {int(n): i for i, n in enumerate(self.learner_nodes[adapter_name].tolist())}
+            where = torch.tensor([position[int(n)] for n in nodes.tolist()], dtype=torch.int64, device=device)
+            old = self.learner_weight[adapter_name].detach()
+            weight.copy_(old[where] if self.role == "up" else old[:, where])
+            if adapter_name in self.learner_bias:
+                bias.copy_(self.learner_bias[adapter_name].detach()[where])
+        requires_grad = adapter_name in self.active_adapters and not self.disable_adapters
+        self.learner_nodes[adapter_name] = nodes
+        self.learner_weight[adapter_name] = nn.Parameter(weight, requires_grad=requires_grad)
+        if self.role == "up" and base.bias is not None:
+            self.learner_bias[adapter_name] = nn.Parameter(bias, requires_grad=requires_grad)
+
+    # ----------------------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        for adapter in self.active_adapters:
+            if adapter not in self.learner_nodes or len(self.learner_nodes[adapter]) == 0:
+                continue
+            nodes, weight = self.learner_nodes[adapter], self.learner_weight[adapter]
+            if self.role == "up":
+                update = F.linear(x.to(weight.dtype), weight, self.learner_bias.get(adapter))
+                result = result.index_add(-1, nodes, update.to(result.dtype))
+            else:
+                hidden = x.index_select(-1, nodes).to(weight.dtype)
+                result = result + F.linear(hidden, weight).to(result.dtype)
+        return result
+
+    # ------------------------------------------------------------------------------------------- merge
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        for adapter in adapter_names:
+            if adapter not in self.learner_nodes:
+                continue
+            if safe_merge and not torch.isfinite(self.learner_weight[adapter]).all():
+                raise ValueError(f"NaNs or infinities in the Learner adapter {adapter!r}; it was not merged")
+            self._add_to_base(adapter, 1.0)
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            if adapter in self.learner_nodes:
+                self._add_to_base(adapter, -1.0)
+
+    @torch.no_grad()
+    def _add_to_base(self, adapter: str, sign: float) -> None:
+        base = self.get_base_layer()
+        nodes = self.learner_nodes[adapter]
+        increment = sign * self.learner_weight[adapter].detach()
+        if self.quantization_backend is not None:
+            weight = self.get_base_weight().float()
+        else:
+            weight = dense_weight(base)  # a view: changes land in the base weight
+        if self.role == "up":
+            weight.index_add_(0, nodes, increment.to(weight.dtype))
+        else:
+            weight.index_add_(1, nodes, increment.to(weight.dtype))
+        if self.quantization_backend is not None:
+            self.set_base_weight(weight.to(self.get_base_weight().dtype))
+        if adapter in self.learner_bias:
+            base.bias.data.index_add_(0, nodes, sign * self.learner_bias[adapter].detach().to(base.bias.dtype))
+
+    def __repr__(self) -> str:
+        return f"learner[{self.role}]." + super().__repr__()
