@@ -54,6 +54,13 @@ def out_features(module: nn.Module) -> int:
     raise TypeError(f"cannot tell the output size of {type(module).__name__}")
 
 
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a Linear-like layer, in ``nn.Linear``'s orientation."""
+    if isinstance(module, Conv1D):
+        return module.nf, module.nx
+    return module.out_features, module.in_features
+
+
 def dense_weight(module: nn.Module) -> torch.Tensor:
     """The weight of a full-precision Linear-like layer in ``(out, in)`` layout (``Conv1D`` stores ``(in, out)``)."""
     if is_quantized(module):

@@ -136,7 +136,7 @@ def test_bad_targets_raise_and_leave_the_model_untouched(kwargs, message):
 
 
 def test_config_validation():
-    with pytest.raises(ValueError, match="target_modules must be non-empty"):
+    with pytest.raises(ValueError, match="target_modules must be non-empty names"):
         BitFitConfig(target_modules=[])
     with pytest.raises(ValueError, match="layers_to_transform needs layers_pattern"):
         BitFitConfig(layers_to_transform=[0])

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from typing import Any, Optional
 
 import torch
 from peft.config import PeftConfig
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, check_adapters_to_merge
 from peft.utils import AuxiliaryTrainingWrapper, _get_submodules
 from peft.utils.constants import DUMMY_TARGET_MODULES
+from peft.utils.quantization_utils import resolve_quantization_backend
 from torch import nn
 
 from peft_sparse.modules import find_layer_stack, head_module_names, is_linear, is_under
@@ -50,6 +52,79 @@ class CalibrationSession:
         pass
 
 
+class SparseTunerLayer(nn.Module, BaseTunerLayer):
+    """What every peft_sparse tuner layer shares: setup, the disabled / merged forward, merge and unmerge.
+
+    A subclass implements ``adapted_forward`` (the forward with its active adapters) and
+    ``_add_to_base(adapter, sign)`` (add, or with ``sign=-1`` subtract, the adapter's change to the base
+    layer); ``merge``, ``unmerge`` and ``safe_merge``'s check come from here.
+    """
+
+    def _init_tuner_layer(self, base_layer: nn.Module, adapter_name: str) -> None:
+        self.base_layer = base_layer
+        # PEFT's backend for quantized layers (bitsandbytes 8/4-bit...): dequantize / re-quantize on merge.
+        self.quantization_backend = resolve_quantization_backend(base_layer)
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._active_adapter = adapter_name
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        return self.adapted_forward(x, *args, **kwargs)
+
+    def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def base_runs_own_forward(self) -> bool:
+        """Whether the base layer must run its own forward: quantized, or hooked (Accelerate offloading,
+        user hooks), so that a weight increment is added as ``base(x) + x @ ΔWᵀ`` instead of folded in."""
+        base = self.get_base_layer()
+        hooked = bool(base._forward_hooks or base._forward_pre_hooks) or hasattr(base, "_hf_hook")
+        return self.quantization_backend is not None or hooked
+
+    def has_adapter(self, adapter_name: str) -> bool:
+        return adapter_name in getattr(self, self.adapter_layer_names[0])
+
+    def _adapter_tensors(self, adapter_name: str) -> list[torch.Tensor]:
+        tensors = []
+        for attribute in self.adapter_layer_names:
+            holder = getattr(self, attribute)
+            if adapter_name in holder:
+                item = holder[adapter_name]
+                tensors += list(item.parameters()) if isinstance(item, nn.Module) else [item]
+        return tensors
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Fold the adapters' changes into the base layer (re-quantizing a quantized weight)."""
+        for adapter in check_adapters_to_merge(self, adapter_names):
+            if not self.has_adapter(adapter):
+                continue
+            if safe_merge and not all(torch.isfinite(t).all() for t in self._adapter_tensors(adapter)):
+                raise ValueError(f"NaNs or infinities in adapter {adapter!r} of {type(self).__name__}; not merged")
+            with torch.no_grad():
+                self._add_to_base(adapter, 1.0)
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            if self.has_adapter(adapter):
+                with torch.no_grad():
+                    self._add_to_base(adapter, -1.0)
+
+    def _add_to_base(self, adapter_name: str, sign: float) -> None:
+        raise NotImplementedError
+
+
+
 class SparseTunerModel(BaseTuner):
     """Base class of peft_sparse's tuner models (a PEFT ``BaseTuner``)."""
 
@@ -65,7 +140,10 @@ class SparseTunerModel(BaseTuner):
 
     # ----------------------------------------------------------------------------------------------- injection
     def _resolve_config(self, model: nn.Module, config: PeftConfig) -> PeftConfig:
-        """Fill in model-dependent defaults (e.g. ``target_modules=None``); return the config to inject with."""
+        """Fill in model-dependent defaults; return the config to inject with. The default target is every
+        linear layer inside the transformer blocks (SparseMask, DPS); other tuners override this."""
+        if config.target_modules is None:
+            config.target_modules = self._block_linear_names(model, config)
         return config
 
     def _block_linear_names(self, model: nn.Module, config: PeftConfig) -> list[str]:
@@ -83,8 +161,8 @@ class SparseTunerModel(BaseTuner):
         )
 
     def _supports(self, module: nn.Module) -> bool:
-        """Whether this tuner can wrap ``module``."""
-        raise NotImplementedError
+        """Whether this tuner can wrap ``module`` (default: linear layers, quantized ones included)."""
+        return is_linear(module)
 
     def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> PeftConfig:
         # Called by PEFT's inject_adapter before any module is touched, for the first adapter and for every

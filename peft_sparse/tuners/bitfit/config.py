@@ -8,6 +8,8 @@ from typing import Optional, Union
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
+from peft_sparse.tuners.config_checks import check_layers_to_transform, normalize_target_modules
+
 
 @dataclass
 class BitFitConfig(PeftConfig):
@@ -48,9 +50,5 @@ class BitFitConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.BITFIT
-        if isinstance(self.target_modules, (list, set, tuple)):
-            self.target_modules = set(self.target_modules)
-            if not self.target_modules or any(not isinstance(t, str) or not t for t in self.target_modules):
-                raise ValueError(f"target_modules must be non-empty names, got {sorted(self.target_modules)!r}")
-        if self.layers_to_transform is not None and self.layers_pattern is None:
-            raise ValueError("layers_to_transform needs layers_pattern (the name of the block list, e.g. 'layer')")
+        normalize_target_modules(self)
+        check_layers_to_transform(self)

@@ -8,6 +8,14 @@ from typing import Literal, Optional, Union
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
+from peft_sparse.tuners.config_checks import (
+    check_choice,
+    check_fraction,
+    check_layers_to_transform,
+    check_save_dtype,
+    normalize_target_modules,
+)
+
 VARIANTS = ("dense", "mix")
 MASKINGS = ("strict", "gradient-only")
 
@@ -62,24 +70,15 @@ class DPSConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.DPS
-        if self.variant not in VARIANTS:
-            raise ValueError(f"Unknown variant {self.variant!r}; choose one of {VARIANTS}")
-        if self.masking not in MASKINGS:
-            raise ValueError(f"Unknown masking {self.masking!r}; choose one of {MASKINGS}")
-        for name in ("keep_ratio", "update_ratio"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 < value < 1.0:
-                raise ValueError(f"`{name}` must be a fraction in (0, 1), got {value!r}")
+        check_choice("variant", self.variant, VARIANTS)
+        check_choice("masking", self.masking, MASKINGS)
+        check_fraction("keep_ratio", self.keep_ratio)
+        check_fraction("update_ratio", self.update_ratio)
         if self.total_step is not None and (not isinstance(self.total_step, int) or self.total_step < 1):
             raise ValueError(f"`total_step` must be a positive integer, got {self.total_step!r}")
-        if self.save_dtype not in (None, "float32", "bfloat16", "float16"):
-            raise ValueError(f"Unknown save_dtype {self.save_dtype!r}")
-        if isinstance(self.target_modules, (list, set, tuple)):
-            self.target_modules = sorted(set(self.target_modules))
-            if not self.target_modules:
-                raise ValueError("target_modules must not be empty; use None for the default")
-        if self.layers_to_transform is not None and self.layers_pattern is None:
-            raise ValueError("layers_to_transform needs layers_pattern (the name of the block list, e.g. 'layer')")
+        check_save_dtype(self.save_dtype)
+        normalize_target_modules(self)
+        check_layers_to_transform(self)
 
     def stage_length(self) -> int:
         """U: optimizer steps per stage."""

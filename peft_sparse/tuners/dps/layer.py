@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
-from peft.utils.quantization_utils import resolve_quantization_backend
 from torch import nn
 
-from peft_sparse.modules import dense_weight, is_linear, out_features
+from peft_sparse.modules import dense_weight, is_linear, linear_shape
+from peft_sparse.tuners.base import SparseTunerLayer
 
 from .config import DPSConfig
 
@@ -29,7 +27,7 @@ class StageState:
     frozen_values: Optional[torch.Tensor] = None  # strict stage II: the values outside the mask
 
 
-class DPSLayer(nn.Module, BaseTunerLayer):
+class DPSLayer(SparseTunerLayer):
     """``y = x @ (W + ΔW)ᵀ + b``; on quantized bases ``y = base(x) + x @ ΔWᵀ``.
 
     In stage II the increment enters the forward as ``where(mask, ΔW, ΔW.detach())``: the same values, but
@@ -42,16 +40,11 @@ class DPSLayer(nn.Module, BaseTunerLayer):
         super().__init__()
         if not is_linear(base_layer):
             raise TypeError(f"DPS wraps linear layers, not {type(base_layer).__name__}")
-        self.base_layer = base_layer
-        self.quantization_backend = resolve_quantization_backend(base_layer)
+        self._init_tuner_layer(base_layer, adapter_name)
         self.dps_delta = nn.ParameterDict({})
         self.states: dict[str, StageState] = {}
         self.configs: dict[str, DPSConfig] = {}
-        self._disable_adapters = False
-        self.merged_adapters: list[str] = []
-        self._active_adapter = adapter_name
-        self.in_features = base_layer.in_features if hasattr(base_layer, "in_features") else base_layer.nx
-        self.out_features = out_features(base_layer)
+        self.out_features, self.in_features = linear_shape(base_layer)
         self.update_layer(adapter_name, config)
 
     @property
@@ -83,22 +76,17 @@ class DPSLayer(nn.Module, BaseTunerLayer):
             return delta * (columns.to(delta.dtype) / keep)
         return delta
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
+    def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         active = [a for a in self.active_adapters if a in self.dps_delta]
-        if self.merged or not active:
+        if not active:
             return self.base_layer(x, *args, **kwargs)
         delta = self._effective_delta(active[0])
         for adapter in active[1:]:
             delta = delta + self._effective_delta(adapter)
-        base = self.get_base_layer()
-        hooked = bool(base._forward_hooks or base._forward_pre_hooks) or hasattr(base, "_hf_hook")
-        if self.quantization_backend is not None or hooked:
+        if self.base_runs_own_forward():
             result = self.base_layer(x, *args, **kwargs)
             return result + F.linear(x.to(delta.dtype), delta).to(result.dtype)
+        base = self.get_base_layer()
         weight = dense_weight(base)
         return F.linear(x, weight + delta.to(weight.dtype), base.bias)
 
@@ -140,31 +128,10 @@ class DPSLayer(nn.Module, BaseTunerLayer):
         mask[torch.topk(score.flatten(), keep, sorted=False).indices] = True
         return mask.view(self.shape)
 
-    # ------------------------------------------------------------------------------------------- merge
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        for adapter in adapter_names:
-            if adapter not in self.dps_delta:
-                continue
-            delta = self.dps_delta[adapter].detach()
-            if safe_merge and not torch.isfinite(delta).all():
-                raise ValueError(f"NaNs or infinities in the DPS adapter {adapter!r}; it was not merged")
-            self._add_to_base(delta, 1.0)
-            self.merged_adapters.append(adapter)
-
-    def unmerge(self) -> None:
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
-            return
-        while self.merged_adapters:
-            adapter = self.merged_adapters.pop()
-            if adapter in self.dps_delta:
-                self._add_to_base(self.dps_delta[adapter].detach(), -1.0)
-
-    @torch.no_grad()
-    def _add_to_base(self, delta: torch.Tensor, sign: float) -> None:
+    def _add_to_base(self, adapter_name: str, sign: float) -> None:
+        delta = self.dps_delta[adapter_name].detach()
         if self.quantization_backend is not None:
-            weight = self.get_base_weight()
+            weight = self.get_base_weight()  # dequantized by PEFT's backend, re-quantized on set
             self.set_base_weight((weight.float() + sign * delta.float()).to(weight.dtype))
         else:
             weight = dense_weight(self.get_base_layer())

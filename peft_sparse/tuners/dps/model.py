@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import warnings
 
-from peft.config import PeftConfig
-from torch import nn
 
 from peft_sparse import storage
-from peft_sparse.modules import is_linear
 from peft_sparse.tuners.base import SparseTunerModel
 
 from .layer import DPSLayer
@@ -25,14 +22,6 @@ class DPSModel(SparseTunerModel):
 
     prefix: str = "dps_"
     tuner_layer_cls = DPSLayer
-
-    def _supports(self, module: nn.Module) -> bool:
-        return is_linear(module)
-
-    def _resolve_config(self, model: nn.Module, config: PeftConfig) -> PeftConfig:
-        if config.target_modules is None:
-            config.target_modules = self._block_linear_names(model, config)
-        return config
 
     def _layers(self) -> list[DPSLayer]:
         return [m for m in self.model.modules() if isinstance(m, DPSLayer)]

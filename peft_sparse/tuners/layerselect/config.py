@@ -8,6 +8,8 @@ from typing import Literal, Optional, Union
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
+from peft_sparse.tuners.config_checks import check_choice, normalize_target_modules
+
 SELECTIONS = ("gradient",)
 
 
@@ -69,9 +71,5 @@ class LayerSelectConfig(PeftConfig):
             self.layers = sorted(self.layers)
         if self.num_layers is not None and (not isinstance(self.num_layers, int) or self.num_layers < 1):
             raise ValueError(f"`num_layers` must be a positive integer, got {self.num_layers!r}")
-        if self.selection not in SELECTIONS:
-            raise ValueError(f"Unknown selection {self.selection!r}; choose one of {SELECTIONS}")
-        if isinstance(self.target_modules, (list, set, tuple)):
-            self.target_modules = sorted(set(self.target_modules))
-            if not self.target_modules:
-                raise ValueError("target_modules must not be empty; use None for the whole block")
+        check_choice("selection", self.selection, SELECTIONS)
+        normalize_target_modules(self)

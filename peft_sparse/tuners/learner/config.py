@@ -8,6 +8,8 @@ from typing import Optional, Union
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
+from peft_sparse.tuners.config_checks import check_fraction
+
 #: Block-relative names of (up/gate projections, down projection) of the common FFNs, tried in order.
 FFN_LAYOUTS: tuple[tuple[tuple[str, ...], str], ...] = (
     (("intermediate.dense",), "output.dense"),  # BERT, RoBERTa, ELECTRA, MPNet
@@ -60,9 +62,7 @@ class LearnerConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.LEARNER
-        ratio = self.learner_ratio
-        if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0.0 < ratio < 1.0:
-            raise ValueError(f"`learner_ratio` must be a fraction in (0, 1), got {ratio!r}")
+        check_fraction("learner_ratio", self.learner_ratio)
         if not isinstance(self.priming_steps, int) or self.priming_steps < 0:
             raise ValueError(f"`priming_steps` must be a non-negative integer, got {self.priming_steps!r}")
         if not self.priming_lr > 0:

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import warnings
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
-from peft.utils.quantization_utils import resolve_quantization_backend
 from torch import nn
 
-from peft_sparse.modules import dense_weight, is_linear, out_features
+from peft_sparse.modules import dense_weight, is_linear, linear_shape
+from peft_sparse.tuners.base import SparseTunerLayer
 
 from .config import LearnerConfig
 
 
-class LearnerLayer(nn.Module, BaseTunerLayer):
+class LearnerLayer(SparseTunerLayer):
     """One projection of an FFN with its Learner part.
 
     ``role="up"`` (up or gate projection): ``y = base(x)``, plus ``x @ ΔW_Sᵀ + Δb_S`` added to the hidden
@@ -33,17 +31,12 @@ class LearnerLayer(nn.Module, BaseTunerLayer):
         super().__init__()
         if not is_linear(base_layer):
             raise TypeError(f"Learners wrap linear FFN projections, not {type(base_layer).__name__}")
-        self.base_layer = base_layer
-        self.quantization_backend = resolve_quantization_backend(base_layer)
+        self._init_tuner_layer(base_layer, adapter_name)
         self.role = role
         self.learner_weight = nn.ParameterDict({})
         self.learner_bias = nn.ParameterDict({})
         self.learner_nodes = BufferDict({}, persistent=True)
-        self._disable_adapters = False
-        self.merged_adapters: list[str] = []
-        self._active_adapter = adapter_name
-        self.in_features = base_layer.in_features if hasattr(base_layer, "in_features") else base_layer.nx
-        self.out_features = out_features(base_layer)
+        self.out_features, self.in_features = linear_shape(base_layer)
         self.update_layer(adapter_name, config)
 
     @property
@@ -79,14 +72,8 @@ class LearnerLayer(nn.Module, BaseTunerLayer):
             self.learner_bias[adapter_name] = nn.Parameter(bias, requires_grad=requires_grad)
 
     # ----------------------------------------------------------------------------------------- forward
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
+    def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
         for adapter in self.active_adapters:
             if adapter not in self.learner_nodes or len(self.learner_nodes[adapter]) == 0:
                 continue
@@ -100,26 +87,9 @@ class LearnerLayer(nn.Module, BaseTunerLayer):
         return result
 
     # ------------------------------------------------------------------------------------------- merge
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        for adapter in adapter_names:
-            if adapter not in self.learner_nodes:
-                continue
-            if safe_merge and not torch.isfinite(self.learner_weight[adapter]).all():
-                raise ValueError(f"NaNs or infinities in the Learner adapter {adapter!r}; it was not merged")
-            self._add_to_base(adapter, 1.0)
-            self.merged_adapters.append(adapter)
+    def has_adapter(self, adapter_name: str) -> bool:
+        return adapter_name in self.learner_nodes
 
-    def unmerge(self) -> None:
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
-            return
-        while self.merged_adapters:
-            adapter = self.merged_adapters.pop()
-            if adapter in self.learner_nodes:
-                self._add_to_base(adapter, -1.0)
-
-    @torch.no_grad()
     def _add_to_base(self, adapter: str, sign: float) -> None:
         base = self.get_base_layer()
         nodes = self.learner_nodes[adapter]

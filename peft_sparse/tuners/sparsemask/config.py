@@ -8,14 +8,16 @@ from typing import Literal, Optional, Union
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
+from peft_sparse.tuners.config_checks import (
+    check_choice,
+    check_fraction,
+    check_layers_to_transform,
+    check_save_dtype,
+    normalize_target_modules,
+)
+
 MODES = ("delta", "mask")
 SELECTIONS = ("magnitude", "random", "gradient")
-SAVE_DTYPES = (None, "float32", "bfloat16", "float16")
-
-
-def _check_open_ratio(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 < value < 1.0:
-        raise ValueError(f"`{name}` must be a fraction in (0, 1), got {value!r}")
 
 
 @dataclass
@@ -75,12 +77,10 @@ class SparseMaskConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.SPARSEMASK
-        if self.mode not in MODES:
-            raise ValueError(f"Unknown mode {self.mode!r}; choose one of {MODES}")
-        _check_open_ratio("density", self.density)
-        _check_open_ratio("sparsity", self.sparsity)
-        if self.selection not in SELECTIONS:
-            raise ValueError(f"Unknown selection {self.selection!r}; choose one of {SELECTIONS}")
+        check_choice("mode", self.mode, MODES)
+        check_fraction("density", self.density)
+        check_fraction("sparsity", self.sparsity)
+        check_choice("selection", self.selection, SELECTIONS)
         if self.mode == "mask" and self.selection != "magnitude":
             raise ValueError("mode='mask' learns its own selection; `selection` applies to mode='delta' only")
         if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size < 1:
@@ -89,11 +89,6 @@ class SparseMaskConfig(PeftConfig):
             raise ValueError("mode='mask' prunes single entries; `block_size` applies to mode='delta' only")
         if self.mask_candidates is not None and not self.mask_candidates >= 1:
             raise ValueError(f"`mask_candidates` must be ≥ 1 (or None for all entries), got {self.mask_candidates!r}")
-        if self.save_dtype not in SAVE_DTYPES:
-            raise ValueError(f"Unknown save_dtype {self.save_dtype!r}; choose one of {SAVE_DTYPES}")
-        if isinstance(self.target_modules, (list, set, tuple)):
-            self.target_modules = sorted(set(self.target_modules))
-            if not self.target_modules:
-                raise ValueError("target_modules must not be empty; use None for the default")
-        if self.layers_to_transform is not None and self.layers_pattern is None:
-            raise ValueError("layers_to_transform needs layers_pattern (the name of the block list, e.g. 'layer')")
+        check_save_dtype(self.save_dtype)
+        normalize_target_modules(self)
+        check_layers_to_transform(self)

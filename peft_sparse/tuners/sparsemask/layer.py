@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import math
-import warnings
 import zlib
 from typing import Any, Optional
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
-from peft.utils.quantization_utils import resolve_quantization_backend
 from torch import nn
 
 from peft_sparse import sparse
-from peft_sparse.modules import dense_weight, is_linear, out_features
+from peft_sparse.modules import dense_weight, is_linear, linear_shape
+from peft_sparse.tuners.base import SparseTunerLayer
 
 from .config import SparseMaskConfig
 
@@ -25,7 +23,7 @@ def support_budget(fraction: float, shape: tuple[int, int], block_size: int) -> 
     return min(total, max(1, round(fraction * total)))
 
 
-class SparseMaskLayer(nn.Module, BaseTunerLayer):
+class SparseMaskLayer(SparseTunerLayer):
     """``y = x @ (W + ΔW)ᵀ + b`` with ΔW sparse; on quantized bases ``y = base(x) + x @ ΔWᵀ``.
 
     ``sparsemask_delta[adapter]`` holds the support and its trainable values: the increment itself in
@@ -40,8 +38,7 @@ class SparseMaskLayer(nn.Module, BaseTunerLayer):
         super().__init__()
         if not is_linear(base_layer):
             raise TypeError(f"SparseMask wraps linear layers, not {type(base_layer).__name__}")
-        self.base_layer = base_layer
-        self.quantization_backend = resolve_quantization_backend(base_layer)
+        self._init_tuner_layer(base_layer, adapter_name)
         self.sparsemask_delta = nn.ModuleDict({})
         self.sparsemask_base_values = BufferDict({}, persistent=False)  # mask mode: W at the candidates
         self.modes: dict[str, str] = {}
@@ -49,11 +46,7 @@ class SparseMaskLayer(nn.Module, BaseTunerLayer):
         self.num_pruned: dict[str, int] = {}
         self.pending: set[str] = set()  # adapters whose support waits for calibration
         self.fisher: Optional[torch.Tensor] = None  # Σ g² of the weight, accumulated while calibrating
-        self._disable_adapters = False
-        self.merged_adapters: list[str] = []
-        self._active_adapter = adapter_name
-        self.in_features = base_layer.in_features if hasattr(base_layer, "in_features") else base_layer.nx
-        self.out_features = out_features(base_layer)
+        self.out_features, self.in_features = linear_shape(base_layer)
         self.update_layer(adapter_name, config, **kwargs)
 
     # ---------------------------------------------------------------------------------------- creation
@@ -140,29 +133,19 @@ class SparseMaskLayer(nn.Module, BaseTunerLayer):
         keep = sparse.hard_keep_mask(delta.values, self.num_pruned[adapter_name])
         return delta.indices[keep == 0]
 
-    def _runs_base_forward(self) -> bool:
-        """Whether the base layer must run its own forward (quantized, or hooked by Accelerate or the user)."""
-        base = self.get_base_layer()
-        hooked = bool(base._forward_hooks or base._forward_pre_hooks) or hasattr(base, "_hf_hook")
-        return self.quantization_backend is not None or hooked
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
+    def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         active = [a for a in self.active_adapters if a in self.sparsemask_delta and a not in self.pending]
-        if self.merged or not active:
+        if not active:
             result = self.base_layer(x, *args, **kwargs)
             return self._probe(result, x) if self.fisher is not None else result
-        base = self.get_base_layer()
-        if self._runs_base_forward():
+        if self.base_runs_own_forward():
             result = self.base_layer(x, *args, **kwargs)
             for adapter in active:
                 delta = self.sparsemask_delta[adapter]
                 update = sparse.sparse_delta_linear(x.to(delta.values.dtype), self.delta_values(adapter), delta)
                 result = result + update.to(result.dtype)
             return result
+        base = self.get_base_layer()
         first, *others = active
         delta = self.sparsemask_delta[first]
         result = sparse.sparse_delta_linear(x, self.delta_values(first), delta, dense_weight(base), base.bias)
@@ -175,42 +158,17 @@ class SparseMaskLayer(nn.Module, BaseTunerLayer):
         anchor = next(iter(self.sparsemask_delta.values())).values  # requires grad: makes backward reach here
         return _FisherProbe.apply(result, x, anchor, self)
 
-    # ------------------------------------------------------------------------------------------- merge
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Add ΔW to the base weight (re-quantizing the weight of a bitsandbytes layer)."""
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        for adapter in adapter_names:
-            if adapter not in self.sparsemask_delta:
-                continue
-            with torch.no_grad():
-                values = self.delta_values(adapter)
-            if safe_merge and not torch.isfinite(values).all():
-                raise ValueError(f"NaNs or infinities in the SparseMask adapter {adapter!r}; it was not merged")
-            self._add_to_base(adapter, values, sign=1.0)
-            self.merged_adapters.append(adapter)
-
-    def unmerge(self) -> None:
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
-            return
-        while self.merged_adapters:
-            adapter = self.merged_adapters.pop()
-            if adapter in self.sparsemask_delta:
-                with torch.no_grad():
-                    values = self.delta_values(adapter)
-                self._add_to_base(adapter, values, sign=-1.0)
-
-    @torch.no_grad()
-    def _add_to_base(self, adapter: str, values: torch.Tensor, sign: float) -> None:
-        indices = self.sparsemask_delta[adapter].indices
+    def _add_to_base(self, adapter_name: str, sign: float) -> None:
+        indices = self.sparsemask_delta[adapter_name].indices
+        values = sign * self.delta_values(adapter_name).detach()
         if self.quantization_backend is not None:
-            weight = self.get_base_weight()
-            merged = sparse.scatter_to_dense(indices, sign * values.float(), self.shape, base=weight.float())
+            weight = self.get_base_weight()  # dequantized by PEFT's backend, re-quantized on set
+            merged = sparse.scatter_to_dense(indices, values.float(), self.shape, base=weight.float())
             self.set_base_weight(merged.to(weight.dtype))
             return
         weight = dense_weight(self.get_base_layer())  # a view: Conv1D stores the transpose
         rows = torch.div(indices, self.in_features, rounding_mode="floor")
-        weight.index_put_((rows, indices % self.in_features), (sign * values).to(weight.dtype), accumulate=True)
+        weight.index_put_((rows, indices % self.in_features), values.to(weight.dtype), accumulate=True)
 
     def __repr__(self) -> str:
         return "sparsemask." + super().__repr__()

@@ -5,11 +5,8 @@ from __future__ import annotations
 import math
 
 import torch
-from peft.config import PeftConfig
-from torch import nn
 
 from peft_sparse import sparse, storage
-from peft_sparse.modules import is_linear
 from peft_sparse.tuners.base import CalibrationSession, SparseTunerModel
 
 from .layer import SparseMaskLayer
@@ -25,14 +22,6 @@ class SparseMaskModel(SparseTunerModel):
 
     prefix: str = "sparsemask_"
     tuner_layer_cls = SparseMaskLayer
-
-    def _supports(self, module: nn.Module) -> bool:
-        return is_linear(module)
-
-    def _resolve_config(self, model: nn.Module, config: PeftConfig) -> PeftConfig:
-        if config.target_modules is None:
-            config.target_modules = self._block_linear_names(model, config)
-        return config
 
     def _layers(self):
         return [(name, m) for name, m in self.model.named_modules() if isinstance(m, SparseMaskLayer)]
