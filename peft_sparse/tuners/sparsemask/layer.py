@@ -81,7 +81,7 @@ class SparseMaskLayer(SparseTunerLayer):
                     support = torch.zeros(0, dtype=torch.int64)
                     self.pending.add(adapter_name)
                 self.sparsemask_delta[adapter_name] = sparse.SparseDelta(
-                    self.shape, support, self._values_dtype(), device=device
+                    self.shape, support, self._values_dtype(), device=device, block_size=config.block_size
                 )
             else:
                 self._install_mask(adapter_name, weight, config)

@@ -1,0 +1,376 @@
+"""GPU benchmark of the sparse-delta kernels (``peft_sparse.kernels``), written as a Markdown table.
+
+Needs a CUDA GPU and triton (``pip install 'peft_sparse[triton]'``); on a machine without them it exits with a
+message. Every time is the median of ``triton.testing.do_bench``.
+
+Kernels (``--kernels``): for each weight shape, token count, density and structure (unstructured entries, and
+``--block-size`` blocks), in ``--dtype`` (bf16 by default):
+
+* SDDMM, the values' gradient ``(grad_yᵀ @ x)`` at the support: the Triton kernel, vs a dense matmul + gather,
+  vs the torch path (``torch.sparse.sampled_addmm`` on the CSR pattern, fp32) and, for blocks, vs
+  ``sampled_addmm`` on a BSR pattern (torch's Triton BSR kernel);
+* SpMM ``y = x @ ΔWᵀ`` and its transpose ``grad_x = grad_y @ ΔW`` (quantized bases): the Triton kernel, vs a
+  dense scatter + matmul (the torch path), vs ``torch.sparse`` CSR and BSR products.
+
+Each row gives the time, the speed-up over the dense baseline, the useful TFLOP/s (2 · tokens · support) and
+the effective bandwidth (inputs read once, outputs written once), each also as a share of the GPU's peak.
+
+Training step (``--train``): a ~1B LLaMA-shaped model with random weights (TinyLlama-1.1B's shape), one
+forward + backward + AdamW step on ``--train-batch`` × ``--train-length`` tokens: SparseMask at 1% density
+(entries, and 32×32 blocks) with the Triton and the torch backends, vs the frozen-backbone step (no trainable
+weight; the input embeddings require grad, so the backward still runs through every layer: the floor for
+any adapter) and LoRA r=16 on the same linear layers.
+
+    python benchmarks/kernels.py --out kernels-benchmark.md
+    python benchmarks/kernels.py --quick            # one shape, one token count, three densities
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from typing import Callable, Optional
+
+import torch
+
+# Dense bf16 tensor-core TFLOP/s (no sparsity) and HBM TB/s of common GPUs, matched on the device name.
+PEAKS = {
+    "H200": (989.0, 4.8),
+    "H100 PCIe": (756.0, 2.0),
+    "H100 NVL": (835.0, 3.9),
+    "H100": (989.0, 3.35),
+    "GH200": (989.0, 4.0),
+    "A100-SXM4-80GB": (312.0, 2.04),
+    "A100 80GB PCIe": (312.0, 1.94),
+    "A100": (312.0, 1.56),
+    "L40S": (362.0, 0.864),
+    "L4": (121.0, 0.3),
+    "A10G": (70.0, 0.6),
+    "RTX 4090": (165.0, 1.0),
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def fail(message: str) -> None:
+    raise SystemExit(f"benchmarks/kernels.py: {message}")
+
+
+def peaks(args) -> tuple[float, float, str]:
+    name = torch.cuda.get_device_name()
+    tflops, tbps = next((v for k, v in PEAKS.items() if k in name), (None, None))
+    tflops = args.peak_tflops or tflops
+    tbps = args.peak_tbps or tbps
+    if tflops is None or tbps is None:
+        fail(f"unknown peak numbers for {name!r}: pass --peak-tflops and --peak-tbps")
+    return tflops, tbps, name
+
+
+def bench(fn: Callable, *args) -> Optional[float]:
+    """Median milliseconds of ``fn(*args)``, or None when it is not supported (reported as n/a)."""
+    from triton.testing import do_bench
+
+    try:
+        fn(*args)
+        torch.cuda.synchronize()
+    except (RuntimeError, NotImplementedError, TypeError, ValueError) as error:
+        print(f"  n/a: {type(error).__name__}: {str(error).splitlines()[0][:160]}", file=sys.stderr)
+        return None
+    return do_bench(lambda: fn(*args), warmup=25, rep=100, return_mode="median")
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+
+
+def make_delta(shape, density, block_size, dtype, device, seed=0):
+    from peft_sparse import sparse
+
+    g = torch.Generator().manual_seed(seed)
+    if block_size == 1:
+        count = max(1, round(density * shape[0] * shape[1]))
+    else:
+        count = max(1, round(density * math.ceil(shape[0] / block_size) * math.ceil(shape[1] / block_size)))
+    support = sparse.random_support(shape, count, g, block_size=block_size)
+    delta = sparse.SparseDelta(shape, support, dtype, device=device, block_size=block_size)
+    with torch.no_grad():
+        delta.values.normal_(0, 0.02)
+    return delta
+
+
+def dense_weight_grad(grad, x):
+    return grad.T @ x
+
+
+def dense_then_gather(grad, x, indices):
+    return (grad.T @ x).view(-1)[indices].float()
+
+
+def torch_path_sddmm(grad, x, delta):
+    from peft_sparse import sparse
+
+    return sparse.sampled_grad(grad, x, delta)  # with PEFT_SPARSE_BACKEND=torch
+
+
+def scatter_then_matmul(x, indices, values, shape, transpose):
+    from peft_sparse import sparse
+
+    delta = sparse.scatter_to_dense(indices, values, shape).to(x.dtype)
+    return x @ (delta if transpose else delta.T)
+
+
+def sparse_times_transposed(matrix, xt):
+    """``(S @ xᵀ)ᵀ`` with a torch sparse ``S``: ``x @ Sᵀ``."""
+    return (matrix @ xt).T
+
+
+def sampled_addmm_bsr(pattern, grad_t, x):
+    return torch.sparse.sampled_addmm(pattern, grad_t, x, beta=0.0)
+
+
+class Table:
+    def __init__(self, tflops_peak: float, tbps_peak: float) -> None:
+        self.tflops_peak, self.tbps_peak = tflops_peak, tbps_peak
+        self.rows = [
+            "| op | weight | tokens | density | structure | support | impl | ms | vs dense | TFLOP/s (% peak) "
+            "| GB/s (% peak) |",
+            "|---|---|---:|---:|---|---:|---|---:|---:|---:|---:|",
+        ]
+
+    def add(self, op, shape, tokens, density, structure, k, impl, ms, baseline_ms, flops, nbytes) -> None:
+        head = f"| {op} | {shape[0]}×{shape[1]} | {tokens} | {density:.1%} | {structure} | {k:,} | {impl}"
+        if ms is None:
+            self.rows.append(f"{head} | n/a | | | |")
+        else:
+            tf, gbs = flops / ms / 1e9, nbytes / ms / 1e6
+            speed = f"{baseline_ms / ms:.2f}×" if baseline_ms else ""
+            self.rows.append(
+                f"{head} | {ms:.3f} | {speed} | {tf:.1f} ({100 * tf / self.tflops_peak:.1f}%) "
+                f"| {gbs:.0f} ({100 * gbs / (self.tbps_peak * 1e3):.1f}%) |"
+            )
+        print(self.rows[-1], flush=True)
+
+
+def bench_shape(table: Table, args, shape: tuple[int, int], tokens: int, device: str = "cuda") -> None:
+    from peft_sparse.kernels import sddmm as sddmm_ops
+    from peft_sparse.kernels import spmm as spmm_ops
+
+    dtype = DTYPES[args.dtype]
+    elt = torch.finfo(dtype).bits // 8
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(tokens, shape[1], device=device, dtype=dtype, generator=g)
+    grad = torch.randn(tokens, shape[0], device=device, dtype=dtype, generator=g)
+    xt, grad_t = x.T.contiguous(), grad.T.contiguous()
+    w = torch.randn(shape, device=device, dtype=dtype, generator=g)
+    in_bytes = tokens * (shape[0] + shape[1]) * elt
+    dense_flops = 2 * tokens * shape[0] * shape[1]
+    ms = bench(dense_weight_grad, grad, x)
+    table.add("SDDMM", shape, tokens, 1.0, "dense", w.numel(), "grad_yᵀ @ x (no gather)", ms, ms, dense_flops,
+              in_bytes + w.numel() * elt)
+    ms = bench(torch.matmul, x, w.T)
+    table.add("SpMM", shape, tokens, 1.0, "dense", w.numel(), "x @ Wᵀ", ms, ms, dense_flops, in_bytes + w.numel() * elt)
+    for density in args.densities:
+        for block_size in (1, args.block_size):
+            structure = "entries" if block_size == 1 else f"{block_size}×{block_size} blocks"
+            delta = make_delta(shape, density, block_size, torch.float32, device)
+            k, values, indices = delta.numel_support, delta.values.detach(), delta.indices
+            flops, nbytes = 2 * tokens * k, in_bytes + k * (4 + 8)
+            pattern = delta.block_pattern()
+            bsr_ok = pattern is not None and shape[0] % block_size == 0 and shape[1] % block_size == 0
+
+            # SDDMM: the values' gradient
+            gather = bench(dense_then_gather, grad, x, indices)
+            table.add("SDDMM", shape, tokens, density, structure, k, "triton", bench(sddmm_ops.sddmm, grad, x, delta),
+                      gather, flops, nbytes)
+            table.add("SDDMM", shape, tokens, density, structure, k, "dense matmul + gather", gather, gather, flops,
+                      nbytes)
+            os.environ["PEFT_SPARSE_BACKEND"] = "torch"
+            ms = bench(torch_path_sddmm, grad, x, delta)
+            os.environ["PEFT_SPARSE_BACKEND"] = "auto"
+            table.add("SDDMM", shape, tokens, density, structure, k, "torch path: sampled_addmm CSR (fp32)", ms,
+                      gather, flops, nbytes)
+            if bsr_ok:
+                empty = torch.zeros(pattern.rows.numel(), block_size, block_size, device=device, dtype=dtype)
+                bsr_pattern = torch.sparse_bsr_tensor(pattern.row_ptr, pattern.cols, empty, size=shape)
+                ms = bench(sampled_addmm_bsr, bsr_pattern, grad_t, x)
+                table.add("SDDMM", shape, tokens, density, structure, k, "torch.sparse sampled_addmm BSR", ms, gather,
+                          flops, nbytes)
+
+            # SpMM both ways: y = x @ ΔWᵀ and grad_x = grad_y @ ΔW
+            for op, a, transpose in (("SpMM x@ΔWᵀ", x, False), ("SpMM g@ΔW", grad, True)):
+                nbytes = tokens * (shape[0] + shape[1]) * elt + k * (4 + 8)
+                dense = bench(scatter_then_matmul, a, indices, values, shape, transpose)
+                kernel = spmm_ops.spmm_t if transpose else spmm_ops.spmm
+                table.add(op, shape, tokens, density, structure, k, "triton", bench(kernel, a, values, delta), dense,
+                          flops, nbytes)
+                table.add(op, shape, tokens, density, structure, k, "scatter + dense matmul (torch path)", dense, dense,
+                          flops, nbytes)
+                crow, col = delta.csr_pattern()
+                csr = torch.sparse_csr_tensor(crow, col, values.to(dtype), shape)
+                if transpose:
+                    csr = csr.to_dense().T.to_sparse_csr()  # ΔWᵀ, built once
+                at = xt if not transpose else grad_t
+                table.add(op, shape, tokens, density, structure, k, "torch.sparse CSR @ dense",
+                          bench(sparse_times_transposed, csr, at), dense, flops, nbytes)
+                if bsr_ok:
+                    index = delta.block_value_index()
+                    blocks = torch.where(index >= 0, values[index.clamp(min=0)], 0).to(dtype)
+                    bsr = torch.sparse_bsr_tensor(pattern.row_ptr, pattern.cols, blocks, size=shape)
+                    if transpose:
+                        bsr = bsr.to_dense().T.to_sparse_bsr((block_size, block_size))
+                    table.add(op, shape, tokens, density, structure, k, "torch.sparse BSR @ dense",
+                              bench(sparse_times_transposed, bsr, at), dense, flops, nbytes)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def kernel_rows(args, tflops_peak, tbps_peak) -> list[str]:
+    table = Table(tflops_peak, tbps_peak)
+    for shape in args.shapes:
+        for tokens in args.tokens:
+            bench_shape(table, args, shape, tokens)
+    return table.rows
+
+
+# ----------------------------------------------------------------------------------------- training step
+
+
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096)
+LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def train_step(model, optimizer, ids) -> None:
+    model(input_ids=ids, labels=ids).loss.backward()
+    if optimizer is not None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def training_rows(args, device: str = "cuda", shape: Optional[dict] = None) -> list[str]:
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from peft_sparse import SparseMaskConfig, sparse
+
+    device = torch.device(device)
+    shape = shape or LLAMA_1B
+    dtype = DTYPES[args.dtype]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, shape["vocab_size"], (args.train_batch, args.train_length), generator=g).to(device)
+    b = args.block_size
+
+    def sparsemask(block_size):
+        return lambda: SparseMaskConfig(task_type="CAUSAL_LM", density=0.01, block_size=block_size, selection="random")
+
+    methods = {  # name: (config, PEFT_SPARSE_BACKEND)
+        "frozen backbone (input grad only)": (None, "auto"),
+        "LoRA r=16": (lambda: LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, target_modules=LINEARS), "auto"),
+        "SparseMask 1% entries, triton": (sparsemask(1), "auto"),
+        "SparseMask 1% entries, torch": (sparsemask(1), "torch"),
+        f"SparseMask 1% {b}×{b} blocks, triton": (sparsemask(b), "auto"),
+        f"SparseMask 1% {b}×{b} blocks, torch": (sparsemask(b), "torch"),
+    }
+    rows = [
+        f"LLaMA-shaped model ({shape['num_hidden_layers']} layers, hidden {shape['hidden_size']}, intermediate "
+        f"{shape['intermediate_size']}), random {args.dtype} weights, batch {args.train_batch} × {args.train_length} "
+        "tokens; one forward + backward + AdamW step.",
+        "",
+        "| method | trainable | step ms | vs frozen | peak memory (GiB) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    floor = None
+    for name, (config, backend) in methods.items():
+        torch.manual_seed(0)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        with device:
+            model = LlamaForCausalLM(LlamaConfig(**shape)).to(dtype)
+        if config is None:
+            model.requires_grad_(False)
+            model.enable_input_require_grads()  # the backward runs through every layer; no weight gradient
+            params = []
+        else:
+            model = get_peft_model(model, config())
+            if "blocks" in name:  # until SparseMask's layer passes block_size to SparseDelta
+                for module in model.modules():
+                    if isinstance(module, sparse.SparseDelta):
+                        module.block_size = b
+            params = [p for p in model.parameters() if p.requires_grad]
+        trainable = sum(p.numel() for p in params)
+        optimizer = torch.optim.AdamW(params, lr=1e-5) if params else None
+        model.train()
+        os.environ["PEFT_SPARSE_BACKEND"] = backend
+        ms = bench(train_step, model, optimizer, ids)
+        os.environ["PEFT_SPARSE_BACKEND"] = "auto"
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        floor = floor or ms
+        if ms is None:
+            rows.append(f"| {name} | {trainable:,} | n/a | | |")
+        else:
+            rows.append(f"| {name} | {trainable:,} | {ms:.1f} | {ms / floor:.2f}× | {peak:.1f} |")
+        print(rows[-1], flush=True)
+        del model, optimizer, params
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    return [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",")]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", type=parse_shapes, default=parse_shapes("4096x4096,4096x11008"),
+                        help="weights as OUTxIN, comma-separated")
+    parser.add_argument("--tokens", type=lambda s: [int(v) for v in s.split(",")], default=[4096, 8192, 16384])
+    parser.add_argument("--densities", type=lambda s: [float(v) for v in s.split(",")],
+                        default=[0.001, 0.005, 0.01, 0.02, 0.05])
+    parser.add_argument("--block-size", type=int, default=32)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--peak-tflops", type=float, help="the GPU's dense TFLOP/s in --dtype (default: known GPUs)")
+    parser.add_argument("--peak-tbps", type=float, help="the GPU's memory bandwidth in TB/s (default: known GPUs)")
+    parser.add_argument("--no-kernels", action="store_true", help="skip the kernel tables")
+    parser.add_argument("--no-train", action="store_true", help="skip the training-step table")
+    parser.add_argument("--train-batch", type=int, default=4)
+    parser.add_argument("--train-length", type=int, default=1024)
+    parser.add_argument("--quick", action="store_true", help="4096x4096, 8192 tokens, densities 0.1/1/5%%")
+    parser.add_argument("--out", default="kernels-benchmark.md", help="Markdown file to write")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.shapes, args.tokens, args.densities = [(4096, 4096)], [8192], [0.001, 0.01, 0.05]
+
+    if not torch.cuda.is_available():
+        fail("needs a CUDA GPU and none is available (torch.cuda.is_available() is False); nothing was measured")
+    try:
+        import triton  # noqa: F401
+        import triton.testing  # noqa: F401
+    except ImportError as error:
+        fail(f"needs triton ({error}); pip install 'peft_sparse[triton]'")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        fail("TRITON_INTERPRET=1 is set: timings of Triton's interpreter mean nothing; unset it")
+
+    tflops_peak, tbps_peak, name = peaks(args)
+    lines = [
+        f"# peft_sparse kernels on {name}",
+        "",
+        f"torch {torch.__version__}, triton {triton.__version__}, {args.dtype}; peaks {tflops_peak:g} TFLOP/s dense, "
+        f"{tbps_peak:g} TB/s; medians of triton.testing.do_bench (ms).",
+        "",
+    ]
+    if not args.no_kernels:
+        lines += ["## Kernels", ""] + kernel_rows(args, tflops_peak, tbps_peak) + [""]
+    if not args.no_train:
+        lines += ["## Training step", ""] + training_rows(args) + [""]
+    text = "\n".join(lines)
+    with open(args.out, "w") as f:
+        f.write(text)
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
