@@ -73,7 +73,7 @@ PROFILES = {
     # Issue 3: SparseMask against LoRA, SHiRA, bias-only and full FT at the reference settings.
     "sparse": dict(QUICK, methods="sparsemask-mag,sparsemask-grad,mask-10,lora-r8,shira-r8,bias-only,bitfit-lr5e-3,"
                                   "full",
-                   max_train_samples="sst2=4000,mrpc=2000"),
+                   tasks="sst2", max_train_samples="sst2=4000"),
     # Issue 4: DPS against full fine-tuning over 3 seeds on the smallest task (RTE).
     "dps": dict(QUICK, methods="full,dps", tasks="rte", seeds="1,2,3", max_train_samples=None),
     # Issue 4: Learners against LoRA and BitFit on CoLA.

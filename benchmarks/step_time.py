@@ -83,6 +83,16 @@ def run_alone(method: str, args) -> dict:
     }
 
 
+def measure_alone(method: str, args) -> dict:
+    """Run ``method`` alone in a fresh process (6 steps) and return its report, peak RSS included."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--alone", method, "--model", args.model, "--steps", "6",
+         "--batch-size", str(args.batch_size), "--length", str(args.length), "--threads", str(args.threads)],
+        capture_output=True, text=True, check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default="bitfit,sparsemask,sparsemask-equal,mask,lora,shira,full")
@@ -92,6 +102,7 @@ def main(argv=None) -> None:
     parser.add_argument("--length", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--memory", action="store_true", help="also run each method alone for its peak RSS")
+    parser.add_argument("--memory-only", action="store_true", help="only the peak RSS of each method alone")
     parser.add_argument("--alone", help=argparse.SUPPRESS)  # internal: one method, JSON to stdout
     parser.add_argument("--json-out")
     args = parser.parse_args(argv)
@@ -105,6 +116,16 @@ def main(argv=None) -> None:
         return
 
     methods = args.methods.split(",")
+    # Peak RSS first, each method alone in a fresh process. Linux keeps ru_maxrss across fork+exec, so a child
+    # started after this process has built every model would report this process's peak instead of its own.
+    memory = {m: measure_alone(m, args) for m in methods} if args.memory or args.memory_only else {}
+    if args.memory_only:
+        for m in methods:
+            print(f"| {m} | {memory[m]['trainable']:,} | {memory[m]['peak_rss_mib']:,.0f} MiB |")
+        if args.json_out:
+            with open(args.json_out, "w") as f:
+                json.dump(list(memory.values()), f, indent=1)
+        return
     models = {m: build(m, args.model).train() for m in methods}
     optimizers = {
         m: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -119,15 +140,8 @@ def main(argv=None) -> None:
                 times[m].append(elapsed)
     rows = {m: {"method": m, "trainable": trainable(models[m]), "median_step_s": statistics.median(times[m])}
             for m in methods}
-    del models, optimizers
-    if args.memory:
-        for m in methods:
-            out = subprocess.run(
-                [sys.executable, __file__, "--alone", m, "--model", args.model, "--steps", "6",
-                 "--batch-size", str(args.batch_size), "--length", str(args.length), "--threads", str(args.threads)],
-                capture_output=True, text=True, check=True,
-            )
-            rows[m]["peak_rss_mib"] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+    for m in memory:
+        rows[m]["peak_rss_mib"] = memory[m]["peak_rss_mib"]
     floor = rows.get("bitfit", next(iter(rows.values())))["median_step_s"]
     print(f"batch {args.batch_size} x {args.length} tokens, {args.threads} threads, {args.steps} interleaved steps")
     print("| method | trainable | median step (s) | vs bias-only | peak RSS (MiB) |")
