@@ -16,6 +16,7 @@ first Triton launch.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from typing import Optional
@@ -27,8 +28,12 @@ BACKENDS = ("auto", "torch", "triton")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+@functools.lru_cache(maxsize=None)
 def is_triton_available() -> bool:
-    """True when the ``triton`` package can be imported (it is an optional extra: ``peft_sparse[triton]``)."""
+    """True when the ``triton`` package can be imported (it is an optional extra: ``peft_sparse[triton]``).
+
+    Cached: ``backend_for`` asks on every forward and backward of every layer, and the answer cannot change
+    within a process."""
     if importlib.util.find_spec("triton") is None:
         return False
     return _triton_import_error() is None

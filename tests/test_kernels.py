@@ -147,12 +147,14 @@ def test_forcing_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypa
 
 def test_forcing_triton_without_triton_installed_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", None)  # what `import triton` sees when it is not installed
+    kernels.is_triton_available.cache_clear()  # the answer is cached per process; this test fakes another one
     assert not kernels.is_triton_available()
     monkeypatch.setenv("PEFT_SPARSE_BACKEND", "triton")
     with pytest.raises(RuntimeError, match=r"triton is not installed \(pip install 'peft_sparse\[triton\]'\)"):
         kernels.backend_for(torch.zeros(2, 3))
     monkeypatch.setenv("PEFT_SPARSE_BACKEND", "auto")
     assert kernels.backend_for(torch.zeros(2, 3)) == "torch"
+    kernels.is_triton_available.cache_clear()
 
 
 @pytest.mark.skipif(IN_INTERPRETER or not kernels.is_triton_available(), reason="needs triton, imported without TRITON_INTERPRET")
