@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from peft.config import PeftConfig
 
 
 def check_fraction(name: str, value: Any) -> None:
@@ -31,3 +34,22 @@ def check_layers_to_transform(config: Any) -> None:
 
 def check_save_dtype(value: Any) -> None:
     check_choice("save_dtype", value, (None, "float32", "bfloat16", "float16"))
+
+
+@dataclass
+class TargetedConfig(PeftConfig):
+    """The module-selection fields that BitFit, SparseMask and DPS share, with their checks.
+
+    Subclasses redeclare ``target_modules`` to document their own default and call ``self._check_targets()``
+    from ``__post_init__``.
+    """
+
+    target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to train."})
+    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules left out."})
+    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Modules trained whole."})
+    layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={"help": "Block indices."})
+    layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Block list name."})
+
+    def _check_targets(self) -> None:
+        normalize_target_modules(self)
+        check_layers_to_transform(self)

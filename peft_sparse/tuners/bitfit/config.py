@@ -5,14 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from peft.config import PeftConfig
 from peft.utils import PeftType
 
-from peft_sparse.tuners.config_checks import check_layers_to_transform, normalize_target_modules
+from peft_sparse.tuners.config_checks import TargetedConfig
 
 
 @dataclass
-class BitFitConfig(PeftConfig):
+class BitFitConfig(TargetedConfig):
     """Train only bias terms — all of them, or the subset named by ``target_modules`` — plus the task head.
 
     Every targeted Linear, GPT-2 ``Conv1D``, bitsandbytes Linear or LayerNorm gets a trainable bias delta that
@@ -34,21 +33,8 @@ class BitFitConfig(PeftConfig):
         default=None,
         metadata={"help": "Modules whose bias is trained (names, suffixes or a regex); None: all Linear and norms."},
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Modules to leave out (names, suffixes or a regex)."}
-    )
-    modules_to_save: Optional[list[str]] = field(
-        default=None, metadata={"help": "Modules trained and saved whole besides the biases (e.g. the head)."}
-    )
-    layers_to_transform: Optional[Union[list[int], int]] = field(
-        default=None, metadata={"help": "Only these block indices (needs a matching layers_pattern)."}
-    )
-    layers_pattern: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Name of the ModuleList of blocks, e.g. 'layer' or 'h'."}
-    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.BITFIT
-        normalize_target_modules(self)
-        check_layers_to_transform(self)
+        self._check_targets()

@@ -5,23 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
-from peft.config import PeftConfig
 from peft.utils import PeftType
 
-from peft_sparse.tuners.config_checks import (
-    check_choice,
-    check_fraction,
-    check_layers_to_transform,
-    check_save_dtype,
-    normalize_target_modules,
-)
+from peft_sparse.tuners.config_checks import TargetedConfig, check_choice, check_fraction, check_save_dtype
 
 VARIANTS = ("dense", "mix")
 MASKINGS = ("strict", "gradient-only")
 
 
 @dataclass
-class DPSConfig(PeftConfig):
+class DPSConfig(TargetedConfig):
     """Dynamic parameter selection: alternate stages that update the whole weight and a chosen subnetwork.
 
     Each targeted weight gets a trainable increment ΔW (zero at init). Training alternates stages of
@@ -62,10 +55,6 @@ class DPSConfig(PeftConfig):
     target_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Modules to train; None: every linear layer in the transformer blocks."}
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules left out."})
-    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Modules trained whole."})
-    layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={"help": "Block indices."})
-    layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Block list name."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -77,8 +66,7 @@ class DPSConfig(PeftConfig):
         if self.total_step is not None and (not isinstance(self.total_step, int) or self.total_step < 1):
             raise ValueError(f"`total_step` must be a positive integer, got {self.total_step!r}")
         check_save_dtype(self.save_dtype)
-        normalize_target_modules(self)
-        check_layers_to_transform(self)
+        self._check_targets()
 
     def stage_length(self) -> int:
         """U: optimizer steps per stage."""

@@ -5,23 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
-from peft.config import PeftConfig
 from peft.utils import PeftType
 
-from peft_sparse.tuners.config_checks import (
-    check_choice,
-    check_fraction,
-    check_layers_to_transform,
-    check_save_dtype,
-    normalize_target_modules,
-)
+from peft_sparse.tuners.config_checks import TargetedConfig, check_choice, check_fraction, check_save_dtype
 
 MODES = ("delta", "mask")
 SELECTIONS = ("magnitude", "random", "gradient")
 
 
 @dataclass
-class SparseMaskConfig(PeftConfig):
+class SparseMaskConfig(TargetedConfig):
     """Sparse fine-tuning of the targeted weight matrices, in one of two modes.
 
     ``mode="delta"`` (SIFT, FISH, SpIEL, LT-SFT): each targeted weight ``W`` gets a trainable increment ΔW
@@ -69,10 +62,6 @@ class SparseMaskConfig(PeftConfig):
     target_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Modules to train; None: every linear layer in the transformer blocks."}
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules left out."})
-    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Modules trained whole."})
-    layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={"help": "Block indices."})
-    layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Block list name."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -90,5 +79,4 @@ class SparseMaskConfig(PeftConfig):
         if self.mask_candidates is not None and not self.mask_candidates >= 1:
             raise ValueError(f"`mask_candidates` must be ≥ 1 (or None for all entries), got {self.mask_candidates!r}")
         check_save_dtype(self.save_dtype)
-        normalize_target_modules(self)
-        check_layers_to_transform(self)
+        self._check_targets()
