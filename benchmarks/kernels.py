@@ -106,26 +106,9 @@ def dense_then_gather(grad, x, indices):
     return (grad.T @ x).view(-1)[indices].float()
 
 
-def torch_path_sddmm(grad, x, delta):
-    from peft_sparse import sparse
-
-    return sparse.sampled_grad(grad, x, delta)  # with PEFT_SPARSE_BACKEND=torch
-
-
-def scatter_then_matmul(x, indices, values, shape, transpose):
-    from peft_sparse import sparse
-
-    delta = sparse.scatter_to_dense(indices, values, shape).to(x.dtype)
-    return x @ (delta if transpose else delta.T)
-
-
 def sparse_times_transposed(matrix, xt):
     """``(S @ xᵀ)ᵀ`` with a torch sparse ``S``: ``x @ Sᵀ``."""
     return (matrix @ xt).T
-
-
-def sampled_addmm_bsr(pattern, grad_t, x):
-    return torch.sparse.sampled_addmm(pattern, grad_t, x, beta=0.0)
 
 
 class Table:
@@ -152,8 +135,11 @@ class Table:
 
 
 def bench_shape(table: Table, args, shape: tuple[int, int], tokens: int, device: str = "cuda") -> None:
+    from peft_sparse import kernels
+    from peft_sparse.kernels import function, reference
     from peft_sparse.kernels import sddmm as sddmm_ops
     from peft_sparse.kernels import spmm as spmm_ops
+    from peft_sparse.kernels.layout import block_value_index
 
     dtype = DTYPES[args.dtype]
     elt = torch.finfo(dtype).bits // 8
@@ -175,46 +161,43 @@ def bench_shape(table: Table, args, shape: tuple[int, int], tokens: int, device:
             structure = "entries" if block_size == 1 else f"{block_size}×{block_size} blocks"
             delta = make_delta(shape, density, block_size, torch.float32, device)
             k, values, indices = delta.numel_support, delta.values.detach(), delta.indices
+            layout = delta.layout()
             flops, nbytes = 2 * tokens * k, in_bytes + k * (4 + 8)
-            pattern = delta.block_pattern()
+            pattern = layout.blocks
             bsr_ok = pattern is not None and shape[0] % block_size == 0 and shape[1] % block_size == 0
 
-            # SDDMM: the values' gradient
+            # SDDMM: the values' gradient. The memory floor reads grad and x once (in_bytes) at the copy rate.
             gather = bench(dense_then_gather, grad, x, indices)
-            table.add("SDDMM", shape, tokens, density, structure, k, "triton", bench(sddmm_ops.sddmm, grad, x, delta),
-                      gather, flops, nbytes)
+            got = sddmm_ops.sddmm(grad, x, layout)
+            ref = reference.sddmm_reference(grad, x, indices)
+            err = ((got - ref).norm() / ref.norm()).item()
+            ms = bench(sddmm_ops.sddmm, grad, x, layout)
+            tuned = getattr(sddmm_ops._sddmm_bsr_tuned, "best_config", None) if pattern is not None else None
+            table.add("SDDMM", shape, tokens, density, structure, k,
+                      f"triton (rel. err {err:.1e}{'; ' + str(tuned) if tuned else ''})", ms, gather, flops, nbytes)
             table.add("SDDMM", shape, tokens, density, structure, k, "dense matmul + gather", gather, gather, flops,
                       nbytes)
-            os.environ["PEFT_SPARSE_BACKEND"] = "torch"
-            ms = bench(torch_path_sddmm, grad, x, delta)
-            os.environ["PEFT_SPARSE_BACKEND"] = "auto"
-            table.add("SDDMM", shape, tokens, density, structure, k, "torch path: sampled_addmm CSR (fp32)", ms,
-                      gather, flops, nbytes)
-            if bsr_ok:
-                empty = torch.zeros(pattern.rows.numel(), block_size, block_size, device=device, dtype=dtype)
-                bsr_pattern = torch.sparse_bsr_tensor(pattern.row_ptr, pattern.cols, empty, size=shape)
-                ms = bench(sampled_addmm_bsr, bsr_pattern, grad_t, x)
-                table.add("SDDMM", shape, tokens, density, structure, k, "torch.sparse sampled_addmm BSR", ms, gather,
-                          flops, nbytes)
-
+            table.add("SDDMM", shape, tokens, density, structure, k, "auto (what training runs)",
+                      bench(function.sddmm, grad, x, layout), gather, flops, nbytes)
             # SpMM both ways: y = x @ ΔWᵀ and grad_x = grad_y @ ΔW
             for op, a, transpose in (("SpMM x@ΔWᵀ", x, False), ("SpMM g@ΔW", grad, True)):
                 nbytes = tokens * (shape[0] + shape[1]) * elt + k * (4 + 8)
-                dense = bench(scatter_then_matmul, a, indices, values, shape, transpose)
+                torch_op = function.spmm_t if transpose else function.spmm
+                with kernels.use_backend("torch"):
+                    dense = bench(torch_op, a, values, layout)
                 kernel = spmm_ops.spmm_t if transpose else spmm_ops.spmm
-                table.add(op, shape, tokens, density, structure, k, "triton", bench(kernel, a, values, delta), dense,
+                table.add(op, shape, tokens, density, structure, k, "triton", bench(kernel, a, values, layout), dense,
                           flops, nbytes)
-                table.add(op, shape, tokens, density, structure, k, "scatter + dense matmul (torch path)", dense, dense,
-                          flops, nbytes)
-                crow, col = delta.csr_pattern()
-                csr = torch.sparse_csr_tensor(crow, col, values.to(dtype), shape)
+                table.add(op, shape, tokens, density, structure, k, "scatter + dense matmul (torch on CUDA)", dense,
+                          dense, flops, nbytes)
+                csr = torch.sparse_csr_tensor(layout.crow, layout.col, values.to(dtype), shape)
                 if transpose:
                     csr = csr.to_dense().T.to_sparse_csr()  # ΔWᵀ, built once
                 at = xt if not transpose else grad_t
                 table.add(op, shape, tokens, density, structure, k, "torch.sparse CSR @ dense",
                           bench(sparse_times_transposed, csr, at), dense, flops, nbytes)
                 if bsr_ok:
-                    index = delta.block_value_index()
+                    index = block_value_index(layout)
                     blocks = torch.where(index >= 0, values[index.clamp(min=0)], 0).to(dtype)
                     bsr = torch.sparse_bsr_tensor(pattern.row_ptr, pattern.cols, blocks, size=shape)
                     if transpose:
@@ -241,18 +224,41 @@ LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, 
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def train_step(model, optimizer, ids) -> None:
-    model(input_ids=ids, labels=ids).loss.backward()
-    if optimizer is not None:
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+def _force_dps_stage_two(model) -> None:
+    """Put every DPS layer in stage II for the timed steps: stages of 1000 steps, steps 1000-1999 are stage II."""
+    tuner = model.base_model
+    tuner.set_total_steps(20000)  # update_ratio 0.05: stages of 1000 optimizer steps
+    tuner.update_and_allocate(998)
+    tuner.update_and_allocate(999)  # chooses the subnetwork (from empty scores: any keep_ratio of each weight)
+
+
+def time_steps(model, optimizer, ids, steps: int, warmup: int, after_step=None) -> list[float]:
+    """Milliseconds of each of ``steps`` forward + backward + optimizer steps (CUDA events), after ``warmup``."""
+    times = []
+    for i in range(warmup + steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        model(input_ids=ids, labels=ids).loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            if after_step is not None:
+                after_step(1000 + i)
+            optimizer.zero_grad(set_to_none=True)
+        end.record()
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(start.elapsed_time(end))
+    return times
 
 
 def training_rows(args, device: str = "cuda", shape: Optional[dict] = None) -> list[str]:
+    """One row per method: median step, ratios to the frozen backbone and to LoRA r=16, peak memory."""
+    import statistics
+
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from peft_sparse import SparseMaskConfig, sparse
+    from peft_sparse import DPSConfig, SparseMaskConfig, kernels
 
     device = torch.device(device)
     shape = shape or LLAMA_1B
@@ -261,56 +267,68 @@ def training_rows(args, device: str = "cuda", shape: Optional[dict] = None) -> l
     ids = torch.randint(0, shape["vocab_size"], (args.train_batch, args.train_length), generator=g).to(device)
     b = args.block_size
 
-    def sparsemask(block_size):
-        return lambda: SparseMaskConfig(task_type="CAUSAL_LM", density=0.01, block_size=block_size, selection="random")
+    def sparsemask(block_size, density=0.01):
+        return lambda: SparseMaskConfig(task_type="CAUSAL_LM", density=density, block_size=block_size,
+                                        selection="random", target_modules="all-linear")
 
-    methods = {  # name: (config, PEFT_SPARSE_BACKEND)
+    # LoRA r=16 on the 7 projections trains r·(in+out) entries a matrix: this density matches it.
+    lora_count = 16 * 22 * (2 * (2048 + 2048) + 2 * (2048 + 256) + 3 * (2048 + 5632))
+    weights = 22 * (2 * 2048 * 2048 + 2 * 2048 * 256 + 3 * 2048 * 5632)
+    methods = {  # name: (config, backend)
         "frozen backbone (input grad only)": (None, "auto"),
         "LoRA r=16": (lambda: LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, target_modules=LINEARS), "auto"),
-        "SparseMask 1% entries, triton": (sparsemask(1), "auto"),
-        "SparseMask 1% entries, torch": (sparsemask(1), "torch"),
-        f"SparseMask 1% {b}×{b} blocks, triton": (sparsemask(b), "auto"),
-        f"SparseMask 1% {b}×{b} blocks, torch": (sparsemask(b), "torch"),
+        "SparseMask 1% entries": (sparsemask(1), "auto"),
+        f"SparseMask 1% {b}×{b} blocks": (sparsemask(b), "auto"),
+        f"SparseMask 1% {b}×{b} blocks, torch backend": (sparsemask(b), "torch"),
+        f"SparseMask {b}×{b} blocks at LoRA r=16's count": (sparsemask(b, lora_count / weights), "auto"),
+        "SparseMask 1% 64×64 blocks": (sparsemask(64), "auto"),
+        "DPS stage II (keep 0.7, strict)": (lambda: DPSConfig(task_type="CAUSAL_LM", target_modules="all-linear"),
+                                            "auto"),
+        "full fine-tuning": ("full", "auto"),
     }
     rows = [
         f"LLaMA-shaped model ({shape['num_hidden_layers']} layers, hidden {shape['hidden_size']}, intermediate "
         f"{shape['intermediate_size']}), random {args.dtype} weights, batch {args.train_batch} × {args.train_length} "
-        "tokens; one forward + backward + AdamW step.",
+        f"tokens; one forward + backward + AdamW step; median of {args.train_steps} steps after "
+        f"{args.train_warmup} warm-up steps (CUDA events).",
         "",
-        "| method | trainable | step ms | vs frozen | peak memory (GiB) |",
-        "|---|---:|---:|---:|---:|",
+        "| method | trainable | step ms | vs frozen | vs LoRA r=16 | peak memory (GiB) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
-    floor = None
+    floor = lora = None
     for name, (config, backend) in methods.items():
         torch.manual_seed(0)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
         with device:
             model = LlamaForCausalLM(LlamaConfig(**shape)).to(dtype)
+        after_step = None
         if config is None:
             model.requires_grad_(False)
             model.enable_input_require_grads()  # the backward runs through every layer; no weight gradient
-            params = []
-        else:
+        elif config != "full":
             model = get_peft_model(model, config())
-            if "blocks" in name:  # until SparseMask's layer passes block_size to SparseDelta
-                for module in model.modules():
-                    if isinstance(module, sparse.SparseDelta):
-                        module.block_size = b
-            params = [p for p in model.parameters() if p.requires_grad]
+            if name.startswith("DPS"):
+                _force_dps_stage_two(model)
+                after_step = model.base_model.update_and_allocate
+        params = [p for p in model.parameters() if p.requires_grad]
         trainable = sum(p.numel() for p in params)
         optimizer = torch.optim.AdamW(params, lr=1e-5) if params else None
         model.train()
-        os.environ["PEFT_SPARSE_BACKEND"] = backend
-        ms = bench(train_step, model, optimizer, ids)
-        os.environ["PEFT_SPARSE_BACKEND"] = "auto"
-        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        try:
+            with kernels.use_backend(backend):
+                times = time_steps(model, optimizer, ids, args.train_steps, args.train_warmup, after_step)
+            ms = statistics.median(times)
+        except torch.cuda.OutOfMemoryError:
+            ms = None
+        peak = torch.cuda.max_memory_allocated() / 2**30
         floor = floor or ms
+        lora = ms if name.startswith("LoRA") else lora
         if ms is None:
-            rows.append(f"| {name} | {trainable:,} | n/a | | |")
+            rows.append(f"| {name} | {trainable:,} | out of memory | | | |")
         else:
-            rows.append(f"| {name} | {trainable:,} | {ms:.1f} | {ms / floor:.2f}× | {peak:.1f} |")
+            rows.append(f"| {name} | {trainable:,} | {ms:.1f} | {ms / floor:.2f}× | "
+                        f"{(f'{ms / lora:.2f}×') if lora else ''} | {peak:.1f} |")
         print(rows[-1], flush=True)
         del model, optimizer, params
     return rows
@@ -337,7 +355,9 @@ def main(argv=None) -> None:
     parser.add_argument("--no-kernels", action="store_true", help="skip the kernel tables")
     parser.add_argument("--no-train", action="store_true", help="skip the training-step table")
     parser.add_argument("--train-batch", type=int, default=4)
-    parser.add_argument("--train-length", type=int, default=1024)
+    parser.add_argument("--train-length", type=int, default=2048)
+    parser.add_argument("--train-steps", type=int, default=10, help="timed steps per method")
+    parser.add_argument("--train-warmup", type=int, default=3, help="untimed steps first (compilation, autotuning)")
     parser.add_argument("--quick", action="store_true", help="4096x4096, 8192 tokens, densities 0.1/1/5%%")
     parser.add_argument("--out", default="kernels-benchmark.md", help="Markdown file to write")
     args = parser.parse_args(argv)

@@ -1,24 +1,33 @@
-"""Triton kernels behind peft_sparse's sparse-delta primitive (installed as ``peft_sparse.kernels``).
+"""The sparse-delta operations behind peft_sparse (installed as ``peft_sparse.kernels``).
+
+Liger-Kernel's layout: each operation has its Triton kernels (``sddmm.py``, ``spmm.py``), its torch
+implementation (``torch_ops.py``, what runs on the CPU and wherever Triton is not used), **one** dense
+reference that tests and benchmarks compare against (``reference.py``), and the autograd Function that
+ties them together (``function.py``). Everything here takes tensors (flat indices, CSR/CSC arrays, block
+patterns: ``layout.py``), never a PEFT or peft_sparse object.
 
 This folder is mapped to ``peft_sparse.kernels`` in pyproject.toml and must never be importable as a
-top-level ``kernels`` package: that name belongs to Hugging Face's ``kernels`` package, which
-bitsandbytes imports.
+top-level ``kernels`` package: that name belongs to Hugging Face's ``kernels`` package, which bitsandbytes
+imports.
 
-Backends (``PEFT_SPARSE_BACKEND``): ``auto`` (the default) runs the Triton kernels on CUDA tensors when
-triton is importable and the torch reference path otherwise; ``torch`` always runs the reference path;
-``triton`` always runs the kernels, and is an error where they cannot run (triton missing, or CPU tensors
-without ``TRITON_INTERPRET=1``, Triton's interpreter, which is how the tests run them on a CPU; it must be in
-the environment before Python starts, because torch imports triton early).
+Backends. ``auto`` (the default) picks, for each operation and device, the implementation measured fastest
+(``benchmarks/RESULTS.md``): on CUDA the Triton block kernels and cuBLAS products, on the CPU torch's sparse
+products. ``torch`` never launches a Triton kernel; ``triton`` launches one wherever a kernel exists, and is
+an error where kernels cannot run (triton missing, or CPU tensors without ``TRITON_INTERPRET=1``, Triton's
+interpreter, which is how the tests run the kernels on a CPU; it must be in the environment before Python
+starts, because torch imports triton early).
 
-Importing this package never imports triton: the kernel modules (``sddmm``, ``spmm``) are loaded on the
-first Triton launch.
+The backend is read once from ``PEFT_SPARSE_BACKEND`` at import, and changed with ``set_backend(name)`` or,
+for a block of code, ``with use_backend(name): ...``. Importing this package never imports triton.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
+from collections.abc import Iterator
 from typing import Optional
 
 import torch
@@ -28,12 +37,42 @@ BACKENDS = ("auto", "torch", "triton")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _parse_backend(raw: str, source: str) -> str:
+    value = raw.strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"{source}={raw!r} is not one of {', '.join(BACKENDS)}")
+    return value
+
+
+_backend: str = _parse_backend(os.environ.get(BACKEND_ENV, ""), BACKEND_ENV)
+
+
+def get_backend() -> str:
+    """The backend in force: ``auto``, ``torch`` or ``triton``."""
+    return _backend
+
+
+def set_backend(name: str) -> None:
+    """Choose the backend for the rest of the process (overrides ``PEFT_SPARSE_BACKEND``)."""
+    global _backend
+    _backend = _parse_backend(name, "backend")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run a block of code with another backend, e.g. ``with use_backend("torch"): loss.backward()``."""
+    global _backend
+    previous, _backend = _backend, _parse_backend(name, "backend")
+    try:
+        yield
+    finally:
+        _backend = previous
+
+
 @functools.lru_cache(maxsize=None)
 def is_triton_available() -> bool:
-    """True when the ``triton`` package can be imported (it is an optional extra: ``peft_sparse[triton]``).
-
-    Cached: ``backend_for`` asks on every forward and backward of every layer, and the answer cannot change
-    within a process."""
+    """True when the ``triton`` package can be imported (an optional extra: ``peft_sparse[triton]``); cached,
+    since the answer cannot change within a process."""
     if importlib.util.find_spec("triton") is None:
         return False
     return _triton_import_error() is None
@@ -43,15 +82,6 @@ def _triton_import_error() -> Optional[BaseException]:
     from . import _triton
 
     return _triton.IMPORT_ERROR
-
-
-def requested_backend() -> str:
-    """The backend asked for in ``PEFT_SPARSE_BACKEND`` (``auto`` when unset)."""
-    raw = os.environ.get(BACKEND_ENV, "")
-    value = raw.strip().lower() or "auto"
-    if value not in BACKENDS:
-        raise ValueError(f"{BACKEND_ENV}={raw!r} is not one of {', '.join(BACKENDS)}")
-    return value
 
 
 def triton_unavailable_reason(tensor: torch.Tensor) -> Optional[str]:
@@ -79,67 +109,50 @@ def triton_unavailable_reason(tensor: torch.Tensor) -> Optional[str]:
 
 
 def backend_for(tensor: torch.Tensor) -> str:
-    """``"torch"`` or ``"triton"``: the backend that serves ``tensor`` under ``PEFT_SPARSE_BACKEND``.
+    """``"torch"`` or ``"triton"``: whether Triton kernels serve ``tensor`` under the backend in force.
 
-    Raises ``RuntimeError`` when ``triton`` is forced where it cannot run, ``ValueError`` on an unknown value.
+    ``auto`` gives Triton on CUDA tensors (where triton imports); a forced ``triton`` that cannot run raises
+    ``RuntimeError`` naming the reason.
     """
-    requested = requested_backend()
-    if requested == "torch":
+    if _backend == "torch":
         return "torch"
-    if requested == "auto":
+    if _backend == "auto":
         if tensor.is_cuda and tensor.dtype in KERNEL_DTYPES and is_triton_available():
             return "triton"
         return "torch"
     reason = triton_unavailable_reason(tensor)
     if reason is not None:
-        raise RuntimeError(f"{BACKEND_ENV}=triton, but {reason}; set {BACKEND_ENV}=auto or torch")
+        raise RuntimeError(
+            f"the peft_sparse backend is 'triton' ({BACKEND_ENV} or set_backend), but {reason}; "
+            "use 'auto' or 'torch'"
+        )
     return "triton"
 
 
 def describe_backend(tensor: torch.Tensor) -> str:
-    """``requested->resolved`` for ``tensor`` (for reprs; never raises), e.g. ``auto->torch``."""
+    """``requested->resolved`` for ``tensor``, e.g. ``auto->torch`` (for reprs; never raises)."""
     try:
-        requested = requested_backend()
-    except ValueError:
-        return f"{os.environ.get(BACKEND_ENV)!r}->invalid"
-    try:
-        return f"{requested}->{backend_for(tensor)}"
+        return f"{_backend}->{backend_for(tensor)}"
     except RuntimeError:
-        return f"{requested}->unavailable"
+        return f"{_backend}->unavailable"
 
 
-# ------------------------------------------------------------------------------- the ops sparse.py calls
-
-
-def triton_sddmm(grad_out: torch.Tensor, x: torch.Tensor, delta) -> torch.Tensor:
-    """fp32 gradient of ``delta``'s values: ``(grad_outᵀ @ x)`` at its support (2-D ``grad_out`` and ``x``)."""
-    from .sddmm import sddmm
-
-    return sddmm(grad_out, x, delta)
-
-
-def triton_spmm(x: torch.Tensor, values: torch.Tensor, delta) -> torch.Tensor:
-    """``x @ ΔWᵀ`` (2-D ``x``), in x's dtype."""
-    from .spmm import spmm
-
-    return spmm(x, values, delta)
-
-
-def triton_spmm_t(grad: torch.Tensor, values: torch.Tensor, delta) -> torch.Tensor:
-    """``grad @ ΔW`` (2-D ``grad``), in grad's dtype."""
-    from .spmm import spmm_t
-
-    return spmm_t(grad, values, delta)
-
+from .function import sparse_delta_linear  # noqa: E402
+from .layout import BLOCK_KERNEL_SIZES, BlockPattern, SparseLayout, build_layout  # noqa: E402
 
 __all__ = [
+    "BACKENDS",
     "BACKEND_ENV",
+    "BLOCK_KERNEL_SIZES",
+    "BlockPattern",
+    "SparseLayout",
     "backend_for",
+    "build_layout",
     "describe_backend",
+    "get_backend",
     "is_triton_available",
-    "requested_backend",
-    "triton_sddmm",
-    "triton_spmm",
-    "triton_spmm_t",
+    "set_backend",
+    "sparse_delta_linear",
     "triton_unavailable_reason",
+    "use_backend",
 ]

@@ -80,3 +80,21 @@ def dot_upcast(dtype) -> bool:
     import torch
 
     return interpreting() and dtype == torch.bfloat16
+
+
+def pow2_bucket(n: int) -> int:
+    """The power of two at or above ``n`` (at least 16): a size bucket that keys the autotuners."""
+    return max(16, 1 << max(0, int(n) - 1).bit_length())
+
+
+def autotune(kernel, configs: list[dict], key: list[str], reset_to_zero=None):
+    """``triton.autotune`` over ``configs`` (dicts of meta-parameters plus ``num_warps`` / ``num_stages``), or
+    None without triton. The plain ``kernel`` stays launchable with fixed meta-parameters."""
+    if triton is None:
+        return None
+    built = []
+    for config in configs:
+        config = dict(config)
+        warps, stages = config.pop("num_warps", 4), config.pop("num_stages", 3)
+        built.append(triton.Config(config, num_warps=warps, num_stages=stages))
+    return triton.autotune(configs=built, key=key, reset_to_zero=reset_to_zero)(kernel)

@@ -12,20 +12,13 @@ entry, in the support's (row-major) order. Two Triton kernels, neither forms the
 
 Both split the tokens over several programs (fp32 atomics) when there are too few entries or blocks to
 fill the GPU (not under ``torch.use_deterministic_algorithms(True)``: atomics sum in no fixed order).
-``sddmm_reference`` is the torch reference: a dense product and a gather.
+The torch reference is ``reference.sddmm_reference`` (a dense product and a gather).
 """
 
 import torch
 
-from ._triton import cdiv, dot_upcast, jit, num_programs_target, tl
-
-# ------------------------------------------------------------------------------------------- reference
-
-
-def sddmm_reference(grad_out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """fp32 ``(grad_outᵀ @ x).flatten()[indices]``: the dense weight gradient, then a gather."""
-    return (grad_out.float().T @ x.float()).reshape(-1)[indices]
-
+from ._triton import autotune, cdiv, dot_upcast, interpreting, jit, num_programs_target, pow2_bucket, tl
+from .layout import BlockPattern, SparseLayout, uses_block_kernels
 
 # ------------------------------------------------------------------------------------- unstructured
 
@@ -107,10 +100,13 @@ def sddmm_csr(
 @jit
 def _sddmm_bsr_kernel(
     g_ptr, x_ptr, out_ptr, brow_ptr, bcol_ptr, row_ptr_ptr, crow_ptr,
-    T, N_OUT, N_IN, tokens_per_program,
+    T, N_OUT, N_IN, T_KEY, NB_KEY,
     stride_gt, stride_gf, stride_xt, stride_xf,
-    B: tl.constexpr, BLOCK_T: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, ATOMIC: tl.constexpr,
+    B: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
+    """One program: one block, and 1/SPLIT of the tokens (fp32 atomics into a zeroed output when SPLIT > 1).
+    ``T_KEY`` and ``NB_KEY`` (token and block counts, bucketed) only key the autotuner."""
     blk = tl.program_id(0)
     pid_t = tl.program_id(1)
     br = tl.load(brow_ptr + blk)
@@ -120,8 +116,9 @@ def _sddmm_bsr_kernel(
     cols = bc * B + offs
     r_mask = rows < N_OUT
     c_mask = cols < N_IN
-    t_start = pid_t * tokens_per_program
-    t_stop = tl.minimum(t_start + tokens_per_program, T)
+    per_program = tl.cdiv(tl.cdiv(T, BLOCK_T), SPLIT) * BLOCK_T
+    t_start = pid_t * per_program
+    t_stop = tl.minimum(t_start + per_program, T)
     acc = tl.zeros((B, B), dtype=tl.float32)
     for t in range(t_start, t_stop, BLOCK_T):
         ts = (t + tl.arange(0, BLOCK_T)).to(tl.int64)
@@ -143,53 +140,69 @@ def _sddmm_bsr_kernel(
     starts = tl.load(crow_ptr + rows, mask=r_mask, other=0)
     positions = starts[:, None] + (blk - first) * B + offs[None, :]
     mask = r_mask[:, None] & c_mask[None, :]
-    if ATOMIC:
+    if SPLIT > 1:
         tl.atomic_add(out_ptr + positions, acc, mask=mask)
     else:
         tl.store(out_ptr + positions, acc, mask=mask)
 
 
+#: Autotuned on CUDA over the token tile, the token split and the warps, keyed on the block size, the bucketed
+#: token and block counts and the precision; the interpreter and fixed requests launch the plain kernel.
+_SDDMM_BSR_CONFIGS = [
+    {"BLOCK_T": block_t, "SPLIT": split, "num_warps": warps, "num_stages": 3}
+    for block_t in (64, 128) for split in (1, 2, 4, 8) for warps in (4, 8)
+] + [{"BLOCK_T": 256, "SPLIT": split, "num_warps": 8, "num_stages": 3} for split in (1, 2, 4, 8)]
+_sddmm_bsr_tuned = autotune(_sddmm_bsr_kernel, _SDDMM_BSR_CONFIGS, key=["B", "T_KEY", "NB_KEY", "IEEE"],
+                            reset_to_zero=["out_ptr"])
+
+
 def sddmm_bsr(
     grad_out: torch.Tensor,
     x: torch.Tensor,
-    pattern,
+    pattern: BlockPattern,
     shape: tuple[int, int],
     *,
+    nnz=None,
     split=None,
     block_t=None,
 ) -> torch.Tensor:
-    """fp32 ``(grad_outᵀ @ x)`` on a block support (``pattern``: ``SparseDelta.block_pattern()``), row-major."""
+    """fp32 ``(grad_outᵀ @ x)`` on a block support (``pattern``), in row-major value order.
+
+    ``nnz`` is the support's size (pass it: reading it from the device would stall the GPU on every call).
+    ``split`` / ``block_t`` fix the token split and tile; by default they are autotuned on CUDA (one split
+    under ``torch.use_deterministic_algorithms(True)``, whose runs must not depend on atomics' order).
+    """
     b = pattern.block_size
-    k = int(pattern.crow[-1])
+    k = int(pattern.crow[-1]) if nnz is None else nnz
     blocks, tokens = pattern.rows.numel(), grad_out.shape[0]
     if k == 0 or tokens == 0:
         return torch.zeros(k, dtype=torch.float32, device=grad_out.device)
-    if block_t is None:
-        block_t = 64 if b <= 64 else 32
-    splits, per_program = _token_split(tokens, block_t, blocks, grad_out.device, split)
-    atomic = splits > 1
-    out = (torch.zeros if atomic else torch.empty)(k, dtype=torch.float32, device=grad_out.device)
-    _sddmm_bsr_kernel[(blocks, splits)](
+    out = torch.zeros(k, dtype=torch.float32, device=grad_out.device)
+    args = (
         grad_out, x, out, pattern.rows, pattern.cols, pattern.row_ptr, pattern.crow,
-        tokens, shape[0], shape[1], per_program,
+        tokens, shape[0], shape[1], pow2_bucket(tokens), pow2_bucket(blocks),
         grad_out.stride(0), grad_out.stride(1), x.stride(0), x.stride(1),
-        B=b, BLOCK_T=block_t, UPCAST=dot_upcast(x.dtype), IEEE=x.dtype == torch.float32, ATOMIC=atomic,
-        num_warps=4 if b <= 32 else 8, num_stages=3,
+    )
+    flags = dict(B=b, UPCAST=dot_upcast(x.dtype), IEEE=x.dtype == torch.float32)
+    tuned = _sddmm_bsr_tuned is not None and not interpreting() and x.is_cuda
+    if split is None and block_t is None and tuned and not torch.are_deterministic_algorithms_enabled():
+        _sddmm_bsr_tuned[lambda meta: (blocks, meta["SPLIT"])](*args, **flags)
+        return out
+    block_t = block_t or (64 if b <= 64 else 32)
+    if split is None:
+        split = 1 if torch.are_deterministic_algorithms_enabled() else num_programs_target(x.device) // blocks
+    split = max(1, min(int(split), cdiv(tokens, block_t)))
+    _sddmm_bsr_kernel[(blocks, split)](
+        *args, **flags, BLOCK_T=block_t, SPLIT=split, num_warps=4 if b <= 32 else 8, num_stages=3,
     )
     return out
 
 
 # ----------------------------------------------------------------------------------------- dispatch
 
-BLOCK_KERNEL_SIZES = (16, 32, 64, 128)
 
-
-def sddmm(grad_out: torch.Tensor, x: torch.Tensor, delta) -> torch.Tensor:
-    """fp32 values gradient of ``delta`` (a ``SparseDelta``): the block kernel where the support allows."""
-    if grad_out.dtype != x.dtype:
-        dtype = torch.promote_types(grad_out.dtype, x.dtype)
-        grad_out, x = grad_out.to(dtype), x.to(dtype)
-    pattern = delta.block_pattern()
-    if pattern is not None and pattern.block_size in BLOCK_KERNEL_SIZES:
-        return sddmm_bsr(grad_out, x, pattern, delta.shape)
-    return sddmm_csr(grad_out, x, delta.indices, delta.shape[1])
+def sddmm(grad_out: torch.Tensor, x: torch.Tensor, layout: SparseLayout) -> torch.Tensor:
+    """fp32 values' gradient on ``layout``'s support: the block kernel where the support allows."""
+    if uses_block_kernels(layout):
+        return sddmm_bsr(grad_out, x, layout.blocks, layout.shape, nnz=layout.nnz)
+    return sddmm_csr(grad_out, x, layout.indices, layout.shape[1])

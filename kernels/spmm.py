@@ -11,30 +11,13 @@ serving both directions; outputs are in the activations' dtype, accumulated in f
   (``y``) or block column (``grad_x``) and a token tile, and accumulates ``tl.dot`` of the activation tile
   with each of its blocks, read straight from the row-major values (edge blocks are masked).
 
-``spmm_reference`` / ``spmm_t_reference`` are the torch references: scatter ΔW to a dense matrix, multiply.
+The torch references are ``reference.spmm_reference`` / ``spmm_t_reference`` (a dense ΔW, then a matmul).
 """
 
 import torch
 
-from ._triton import cdiv, dot_upcast, jit, tl
-
-# ------------------------------------------------------------------------------------------ references
-
-
-def _dense_delta(indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    flat = torch.zeros(shape[0] * shape[1], dtype=torch.float32, device=values.device)
-    return flat.index_add(0, indices, values.float()).view(shape)
-
-
-def spmm_reference(x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, shape) -> torch.Tensor:
-    """fp32 ``x @ ΔWᵀ`` through a dense ΔW."""
-    return x.float() @ _dense_delta(indices, values, shape).T
-
-
-def spmm_t_reference(grad: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, shape) -> torch.Tensor:
-    """fp32 ``grad @ ΔW`` through a dense ΔW."""
-    return grad.float() @ _dense_delta(indices, values, shape)
-
+from ._triton import autotune, cdiv, dot_upcast, interpreting, jit, pow2_bucket, tl
+from .layout import BlockPattern, SparseLayout, uses_block_kernels
 
 # ------------------------------------------------------------------------------------- unstructured
 
@@ -80,16 +63,14 @@ def _compressed_product(a, values, ptr, idx, n_out, block_nz=16, block_t=64):
     return out_t.t().contiguous()
 
 
-def spmm_csr(x: torch.Tensor, values: torch.Tensor, delta) -> torch.Tensor:
+def spmm_csr(x: torch.Tensor, values: torch.Tensor, layout: SparseLayout) -> torch.Tensor:
     """``x @ ΔWᵀ`` for ``x`` ``(tokens, in)``, in x's dtype."""
-    crow, col = delta.csr_pattern()
-    return _compressed_product(x, values, crow, col, delta.shape[0])
+    return _compressed_product(x, values, layout.crow, layout.col, layout.shape[0])
 
 
-def spmm_t_csr(grad: torch.Tensor, values: torch.Tensor, delta) -> torch.Tensor:
+def spmm_t_csr(grad: torch.Tensor, values: torch.Tensor, layout: SparseLayout) -> torch.Tensor:
     """``grad @ ΔW`` for ``grad`` ``(tokens, out)``, in grad's dtype."""
-    ccol, row, order = delta.csc_pattern()
-    return _compressed_product(grad, values[order], ccol, row, delta.shape[1])
+    return _compressed_product(grad, values[layout.csc_order], layout.ccol, layout.csc_row, layout.shape[1])
 
 
 # ------------------------------------------------------------------------------------------- blocks
@@ -98,7 +79,7 @@ def spmm_t_csr(grad: torch.Tensor, values: torch.Tensor, delta) -> torch.Tensor:
 @jit
 def _spmm_bsr_kernel(
     a_ptr, v_ptr, out_ptr, ptr_ptr, order_ptr, brow_ptr, bcol_ptr, row_ptr_ptr, crow_ptr,
-    T, N_OUT, N_IN, stride_at, stride_af, stride_ot, stride_of,
+    T, N_OUT, N_IN, T_KEY, stride_at, stride_af, stride_ot, stride_of,
     B: tl.constexpr, BLOCK_T: tl.constexpr, TRANS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     """``TRANS=False``: ``out[t, rows of block row p] = Σ_k a[t, cols of k] @ V_kᵀ`` (``y = x @ ΔWᵀ``);
@@ -152,56 +133,58 @@ def _spmm_bsr_kernel(
              acc.to(out_ptr.dtype.element_ty), mask=t_mask[:, None] & f_mask[None, :])
 
 
-def _block_product(a, values, pattern, shape, trans: bool, block_t=None):
+#: Autotuned on CUDA over the token tile and the warps (key: block size, bucketed tokens, direction, precision).
+_SPMM_BSR_CONFIGS = [
+    {"BLOCK_T": block_t, "num_warps": warps, "num_stages": 3} for block_t in (32, 64, 128) for warps in (4, 8)
+]
+_spmm_bsr_tuned = autotune(_spmm_bsr_kernel, _SPMM_BSR_CONFIGS, key=["B", "T_KEY", "TRANS", "IEEE"])
+
+
+def _block_product(a, values, pattern: BlockPattern, shape, trans: bool, block_t=None):
     b = pattern.block_size
     tokens = a.shape[0]
     n_out = shape[1] if trans else shape[0]
     if tokens == 0 or values.numel() == 0:
         return a.new_zeros(tokens, n_out)
-    if block_t is None:
-        block_t = 64 if b <= 64 else 32
     out = torch.empty(tokens, n_out, dtype=a.dtype, device=a.device)
     ptr, order = (pattern.col_ptr, pattern.col_order) if trans else (pattern.row_ptr, pattern.row_ptr)
-    _spmm_bsr_kernel[(cdiv(n_out, b), cdiv(tokens, block_t))](
+    args = (
         a, values, out, ptr, order, pattern.rows, pattern.cols, pattern.row_ptr, pattern.crow,
-        tokens, shape[0], shape[1], a.stride(0), a.stride(1), out.stride(0), out.stride(1),
-        B=b, BLOCK_T=block_t, TRANS=trans, UPCAST=dot_upcast(a.dtype), IEEE=a.dtype == torch.float32,
-        num_warps=4 if b <= 32 else 8, num_stages=3,
+        tokens, shape[0], shape[1], pow2_bucket(tokens), a.stride(0), a.stride(1), out.stride(0), out.stride(1),
+    )
+    flags = dict(B=b, TRANS=trans, UPCAST=dot_upcast(a.dtype), IEEE=a.dtype == torch.float32)
+    if block_t is None and _spmm_bsr_tuned is not None and not interpreting() and a.is_cuda:
+        _spmm_bsr_tuned[lambda meta: (cdiv(n_out, b), cdiv(tokens, meta["BLOCK_T"]))](*args, **flags)
+        return out
+    block_t = block_t or (64 if b <= 64 else 32)
+    _spmm_bsr_kernel[(cdiv(n_out, b), cdiv(tokens, block_t))](
+        *args, **flags, BLOCK_T=block_t, num_warps=4 if b <= 32 else 8, num_stages=3,
     )
     return out
 
 
-def spmm_bsr(x: torch.Tensor, values: torch.Tensor, pattern, shape) -> torch.Tensor:
+def spmm_bsr(x: torch.Tensor, values: torch.Tensor, pattern: BlockPattern, shape) -> torch.Tensor:
     """``x @ ΔWᵀ`` on a block support, in x's dtype."""
     return _block_product(x, values, pattern, shape, trans=False)
 
 
-def spmm_t_bsr(grad: torch.Tensor, values: torch.Tensor, pattern, shape) -> torch.Tensor:
+def spmm_t_bsr(grad: torch.Tensor, values: torch.Tensor, pattern: BlockPattern, shape) -> torch.Tensor:
     """``grad @ ΔW`` on a block support, in grad's dtype."""
     return _block_product(grad, values, pattern, shape, trans=True)
 
 
 # ----------------------------------------------------------------------------------------- dispatch
 
-BLOCK_KERNEL_SIZES = (16, 32, 64, 128)
+
+def spmm(x: torch.Tensor, values: torch.Tensor, layout: SparseLayout) -> torch.Tensor:
+    """``x @ ΔWᵀ`` on ``layout``'s support: the block kernel where the support allows."""
+    if uses_block_kernels(layout):
+        return spmm_bsr(x, values, layout.blocks, layout.shape)
+    return spmm_csr(x, values, layout)
 
 
-def _blocks(delta):
-    pattern = delta.block_pattern()
-    return pattern if pattern is not None and pattern.block_size in BLOCK_KERNEL_SIZES else None
-
-
-def spmm(x: torch.Tensor, values: torch.Tensor, delta) -> torch.Tensor:
-    """``x @ ΔWᵀ`` for ``delta`` (a ``SparseDelta``) with ``values``: the block kernel where the support allows."""
-    pattern = _blocks(delta)
-    if pattern is not None:
-        return spmm_bsr(x, values, pattern, delta.shape)
-    return spmm_csr(x, values, delta)
-
-
-def spmm_t(grad: torch.Tensor, values: torch.Tensor, delta) -> torch.Tensor:
-    """``grad @ ΔW`` for ``delta`` (a ``SparseDelta``) with ``values``."""
-    pattern = _blocks(delta)
-    if pattern is not None:
-        return spmm_t_bsr(grad, values, pattern, delta.shape)
-    return spmm_t_csr(grad, values, delta)
+def spmm_t(grad: torch.Tensor, values: torch.Tensor, layout: SparseLayout) -> torch.Tensor:
+    """``grad @ ΔW`` on ``layout``'s support."""
+    if uses_block_kernels(layout):
+        return spmm_t_bsr(grad, values, layout.blocks, layout.shape)
+    return spmm_t_csr(grad, values, layout)

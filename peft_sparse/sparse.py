@@ -8,25 +8,20 @@ format (``encode_indices`` / ``pack_bits``).
 Layout: a support is a sorted 1-D tensor of flat indices into the ``(out_features, in_features)`` weight, and
 the values are a 1-D tensor in the same (row-major) order, which is also the order of a CSR matrix. Block
 supports (``block_size > 1``) are unions of square blocks expanded to their entries (clipped at the edges), so
-every code path below serves both.
+every code path below serves both. The autograd Function and the kernels live in ``peft_sparse.kernels``.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
-from typing import NamedTuple, Optional
+from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from peft_sparse import kernels
-
-# torch warns once per process that CSR tensors are "beta" and invariant checks are off; the CSR tensors built
-# here are valid by construction (sorted, in range), so those two messages only add noise.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 
 # --------------------------------------------------------------------------------------------- supports
 
@@ -88,61 +83,6 @@ def scatter_to_dense(
     return flat.index_add(0, indices, values.to(flat.dtype)).view(shape)
 
 
-def sampled_grad(grad_out: torch.Tensor, x: torch.Tensor, delta: "SparseDelta") -> torch.Tensor:
-    """SDDMM: ``(grad_outᵀ @ x)`` at the support only, without forming the dense weight gradient.
-
-    ``grad_out`` is ``(tokens, out)`` and ``x`` is ``(tokens, in)``. With the Triton backend (``kernels.backend_for``:
-    CUDA tensors by default) this is a Triton kernel, per entry or per block (fp32 result); on the torch path,
-    torch's ``sparse.sampled_addmm`` on the support's CSR pattern (fp32: it has no bf16/fp16 kernel on CPU).
-    """
-    if delta.numel_support == 0:
-        return grad_out.new_zeros(0)
-    if kernels.backend_for(x) == "triton":
-        return kernels.triton_sddmm(grad_out, x, delta)
-    # CPU sampled_addmm has fp32/fp64 kernels only: half-precision inputs are upcast (tokens × features).
-    dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-    crow, col = delta.csr_pattern()
-    # Zeros, not torch.empty: sampled_addmm computes beta * values even for beta=0, and 0 * NaN-garbage = NaN.
-    pattern = torch.sparse_csr_tensor(crow, col, torch.zeros(col.numel(), dtype=dtype, device=x.device), delta.shape)
-    return torch.sparse.sampled_addmm(pattern, grad_out.to(dtype).T, x.to(dtype), beta=0.0).values()
-
-
-class _SparseDeltaLinear(torch.autograd.Function):
-    """``y = x @ (W + ΔW)ᵀ + b`` (or ``x @ ΔWᵀ`` with no ``W``), with ΔW sparse on a fixed support.
-
-    Saves only ``x`` and the values; the backward recomputes the dense ``W + ΔW`` for the input gradient and
-    takes the values' gradient as an SDDMM sampled at the support, so no weight-sized gradient exists. With no
-    ``W`` and the Triton backend, both products with ΔW are SpMM kernels on the support (no dense ΔW either).
-    """
-
-    @staticmethod
-    def forward(ctx, x, values, delta, weight, bias):
-        ctx.delta = delta
-        ctx.has_weight = weight is not None
-        ctx.save_for_backward(x, values, weight)
-        if weight is None and kernels.backend_for(x) == "triton":
-            out = kernels.triton_spmm(x.reshape(-1, x.shape[-1]), values, delta).view(*x.shape[:-1], delta.shape[0])
-            return out if bias is None else out + bias.to(out.dtype)
-        effective = scatter_to_dense(delta.indices, values, delta.shape, base=weight)
-        return F.linear(x, effective.to(x.dtype), bias)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, values, weight = ctx.saved_tensors
-        delta = ctx.delta
-        grad_x = grad_values = None
-        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
-        if ctx.needs_input_grad[0]:
-            if weight is None and kernels.backend_for(grad_2d) == "triton":
-                grad_x = kernels.triton_spmm_t(grad_2d, values, delta).view(*grad_out.shape[:-1], x.shape[-1])
-            else:
-                effective = scatter_to_dense(delta.indices, values, delta.shape, base=weight)
-                grad_x = (grad_2d @ effective.to(grad_2d.dtype)).view(*grad_out.shape[:-1], x.shape[-1])
-        if ctx.needs_input_grad[1]:
-            grad_values = sampled_grad(grad_2d, x.reshape(-1, x.shape[-1]), delta).to(values.dtype)
-        return grad_x, grad_values, None, None, None
-
-
 def sparse_delta_linear(
     x: torch.Tensor,
     values: torch.Tensor,
@@ -150,32 +90,16 @@ def sparse_delta_linear(
     weight: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """``F.linear(x, weight + ΔW, bias)``, or ``x @ ΔWᵀ`` when ``weight`` is None (quantized bases).
+    """``F.linear(x, weight + ΔW, bias)``, or ``x @ ΔWᵀ + bias`` when ``weight`` is None (quantized bases).
 
     ``values`` may differ from ``delta.values`` (mask mode derives them from scores); the support is
-    ``delta``'s. Weight layout is ``(out, in)``.
+    ``delta``'s. Weight layout is ``(out, in)``. The autograd Function and its kernels are in
+    ``peft_sparse.kernels`` (``kernels.function``).
     """
-    return _SparseDeltaLinear.apply(x, values, delta, weight, bias)
+    return kernels.sparse_delta_linear(x, values, delta.layout(), weight, bias)
 
 
 # ------------------------------------------------------------------------------------------ the module
-
-
-class BlockPattern(NamedTuple):
-    """A block support's layout, for the block kernels (``SparseDelta.block_pattern()``).
-
-    Blocks are numbered in block-major order (sorted by flat block id, i.e. BSR order). The values stay in
-    row-major order: row ``i`` of block ``k`` holds ``values[crow[rows[k]*b + i] + (k - row_ptr[rows[k]])*b + j]``
-    for its columns ``j`` (each block before it in that row is whole; only the last block column is clipped).
-    """
-
-    block_size: int
-    rows: torch.Tensor  # (blocks,) block row of each block
-    cols: torch.Tensor  # (blocks,) block column of each block
-    row_ptr: torch.Tensor  # (block rows + 1,) BSR pointers: blocks row_ptr[r]:row_ptr[r+1] are block row r
-    col_ptr: torch.Tensor  # (block columns + 1,) BSC pointers into col_order
-    col_order: torch.Tensor  # (blocks,) the block numbers ordered by block column (stable)
-    crow: torch.Tensor  # (out + 1,) the entries' CSR row pointers
 
 
 class SparseDelta(nn.Module):
@@ -183,8 +107,8 @@ class SparseDelta(nn.Module):
 
     ``values`` start at zero, so the increment is zero until trained. The support can be replaced as a whole
     (``set_support``), which is how calibration and checkpoint loading install theirs. ``block_size`` is the
-    side of the support's blocks (1: unstructured); it only lets the kernels use the block layout where the
-    support is a union of whole blocks (``block_pattern()``), and changes neither the support nor the values.
+    side of the support's blocks (1: unstructured); it lets the kernels use the block layout where the
+    support is a union of whole blocks, and changes neither the support nor the values.
     """
 
     def __init__(
@@ -197,8 +121,7 @@ class SparseDelta(nn.Module):
         self.block_size = block_size
         self.register_buffer("indices", torch.empty(0, dtype=torch.int64, device=device), persistent=False)
         self.values = nn.Parameter(torch.zeros(0, dtype=dtype, device=device))
-        self._csr: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-        self._derived: dict[str, tuple] = {}  # name -> (the indices and block size it came from, value)
+        self._layout: Optional[tuple[torch.Tensor, int, kernels.SparseLayout]] = None
         self.set_support(indices)
 
     @property
@@ -221,88 +144,21 @@ class SparseDelta(nn.Module):
         if values is not None:
             new_values.copy_(values)
         self.values = nn.Parameter(new_values, requires_grad=requires_grad)
-        self._csr = None
-        self._derived = {}
+        self._layout = None
 
-    def csr_pattern(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(crow_indices, col_indices)`` of the support, derived once per support."""
-        if self._csr is None or self._csr[1].device != self.indices.device:
-            rows = torch.div(self.indices, self.shape[1], rounding_mode="floor")
-            crow = torch.zeros(self.shape[0] + 1, dtype=torch.int64, device=self.indices.device)
-            crow[1:] = torch.bincount(rows, minlength=self.shape[0]).cumsum(0)
-            self._csr = (crow, self.indices % self.shape[1])
-        return self._csr
+    def layout(self) -> kernels.SparseLayout:
+        """The support's index arrays (CSR, CSC, block pattern), derived once per support, block size and
+        device (a move to another device or a new support derives them again)."""
+        cached = self._layout
+        if cached is None or cached[0] is not self.indices or cached[1] != self.block_size:
+            layout = kernels.build_layout(self.indices, self.shape, self.block_size)
+            self._layout = cached = (self.indices, self.block_size, layout)
+        return cached[2]
 
-    def _cached(self, name: str, derive):
-        """``derive()``, kept until the support (or ``block_size``) changes, or the support moves to another device."""
-        entry = self._derived.get(name)
-        if entry is None or entry[0] is not self.indices or entry[1] != self.block_size:
-            entry = self._derived[name] = (self.indices, self.block_size, derive())
-        return entry[2]
-
-    def csc_pattern(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(ccol_indices, row_indices, order)``: the support in CSC order, ``values[order]`` its values."""
-
-        def derive():
-            rows = torch.div(self.indices, self.shape[1], rounding_mode="floor")
-            cols = self.indices % self.shape[1]
-            order = torch.sort(cols, stable=True).indices  # rows stay ascending within a column
-            ccol = torch.zeros(self.shape[1] + 1, dtype=torch.int64, device=self.indices.device)
-            ccol[1:] = torch.bincount(cols, minlength=self.shape[1]).cumsum(0)
-            return ccol, rows[order], order
-
-        return self._cached("csc", derive)
-
-    def block_pattern(self) -> Optional[BlockPattern]:
+    def block_pattern(self) -> Optional[kernels.BlockPattern]:
         """The block layout of the support, or None when ``block_size`` is 1 or the support is not a union of
-        whole ``block_size`` blocks (clipped at the edges). Derived once per support."""
-        if self.block_size == 1:
-            return None
-
-        def derive():
-            b = self.block_size
-            blocks_per_row = math.ceil(self.shape[1] / b)
-            block_rows_total = math.ceil(self.shape[0] / b)
-            rows = torch.div(self.indices, self.shape[1], rounding_mode="floor")
-            cols = self.indices % self.shape[1]
-            block_of = torch.div(rows, b, rounding_mode="floor") * blocks_per_row
-            ids = torch.unique(block_of + torch.div(cols, b, rounding_mode="floor"))
-            block_rows = torch.div(ids, blocks_per_row, rounding_mode="floor")
-            block_cols = ids % blocks_per_row
-            # Every entry lies in one of these blocks, so the support is these blocks, whole, when the entries
-            # number as many as the blocks cover (clipped at the edges).
-            heights = (self.shape[0] - block_rows * b).clamp(max=b)
-            widths = (self.shape[1] - block_cols * b).clamp(max=b)
-            if int((heights * widths).sum()) != self.indices.numel():
-                return None
-            row_ptr = torch.zeros(block_rows_total + 1, dtype=torch.int64, device=ids.device)
-            row_ptr[1:] = torch.bincount(block_rows, minlength=block_rows_total).cumsum(0)
-            col_ptr = torch.zeros(blocks_per_row + 1, dtype=torch.int64, device=ids.device)
-            col_ptr[1:] = torch.bincount(block_cols, minlength=blocks_per_row).cumsum(0)
-            col_order = torch.sort(block_cols, stable=True).indices
-            return BlockPattern(b, block_rows, block_cols, row_ptr, col_ptr, col_order, self.csr_pattern()[0])
-
-        return self._cached("blocks", derive)
-
-    def block_value_index(self) -> Optional[torch.Tensor]:
-        """``(blocks, b, b)`` positions in ``values`` of each block's entries (-1 outside the weight), block-major;
-        ``values[index.clamp(min=0)]`` masked by ``index >= 0`` gives the blocks (e.g. for a BSR tensor)."""
-        pattern = self.block_pattern()
-        if pattern is None:
-            return None
-
-        def derive():
-            b = pattern.block_size
-            offs = torch.arange(b, device=self.indices.device)
-            rows = pattern.rows[:, None] * b + offs[None, :]  # (blocks, b)
-            cols = pattern.cols[:, None] * b + offs[None, :]
-            rank = torch.arange(pattern.rows.numel(), device=rows.device) - pattern.row_ptr[pattern.rows]
-            starts = pattern.crow[rows.clamp(max=self.shape[0] - 1)] + (rank * b)[:, None]
-            index = starts[:, :, None] + offs[None, None, :]
-            inside = (rows < self.shape[0])[:, :, None] & (cols < self.shape[1])[:, None, :]
-            return torch.where(inside, index, torch.full_like(index, -1))
-
-        return self._cached("block_index", derive)
+        whole ``block_size`` blocks (clipped at the edges)."""
+        return self.layout().blocks
 
     def dense(self, values: Optional[torch.Tensor] = None) -> torch.Tensor:
         """ΔW as a dense ``(out, in)`` tensor."""
@@ -349,17 +205,13 @@ def decode_indices(tokens: torch.Tensor) -> torch.Tensor:
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """A boolean tensor -> uint8, 8 entries a byte (row-major, the first entry in the highest bit)."""
-    flat = mask.flatten().to(torch.uint8).cpu()
-    flat = F.pad(flat, (0, -flat.numel() % 8))
-    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
-    return (flat.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
+    return torch.from_numpy(np.packbits(mask.detach().flatten().bool().cpu().numpy()))
 
 
 def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """Inverse of ``pack_bits``: the first ``numel`` entries as a flat boolean tensor."""
-    shifts = torch.arange(7, -1, -1, dtype=torch.uint8)
-    bits = (packed.to(torch.uint8)[:, None] >> shifts) & 1
-    return bits.flatten()[:numel].bool()
+    bits = np.unpackbits(packed.detach().to(torch.uint8).cpu().numpy(), count=numel)
+    return torch.from_numpy(bits).bool()
 
 
 # ---------------------------------------------------------------------------------------------- masks

@@ -9,6 +9,7 @@ To run them directly: ``TRITON_INTERPRET=1 python -m pytest tests/test_kernels.p
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -20,6 +21,8 @@ from peft import get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from peft_sparse import SparseMaskConfig, kernels, sparse
+from peft_sparse.kernels import function, reference
+from peft_sparse.kernels.layout import block_value_index
 
 from tiny_models import VOCAB, make_batch
 
@@ -70,7 +73,7 @@ def make_delta(name: str, dtype=torch.float32, seed: int = 0) -> sparse.SparseDe
 
 def uses_block_kernels(delta: sparse.SparseDelta) -> bool:
     pattern = delta.block_pattern()
-    return pattern is not None and pattern.block_size in (16, 32, 64, 128)
+    return pattern is not None and pattern.block_size in kernels.BLOCK_KERNEL_SIZES
 
 
 # --------------------------------------------------------------------------- layout and dispatch (no triton)
@@ -82,7 +85,7 @@ def test_block_pattern_describes_whole_block_supports():
     assert pattern is not None and pattern.block_size == 16
     assert torch.equal(sparse.block_support(pattern.rows * 4 + pattern.cols, delta.shape, 16), delta.indices)
     # Block-major positions of the row-major values: the blocks of the dense ΔW, -1 outside the weight.
-    index = delta.block_value_index()
+    index = block_value_index(delta.layout())
     assert index.shape == (pattern.rows.numel(), 16, 16)
     dense = torch.nn.functional.pad(delta.dense(), (0, 64 - 56, 0, 48 - 40))
     for k, (br, bc) in enumerate(zip(pattern.rows.tolist(), pattern.cols.tolist())):
@@ -92,7 +95,8 @@ def test_block_pattern_describes_whole_block_supports():
         assert inside.sum() == (min(40, br * 16 + 16) - br * 16) * (min(56, bc * 16 + 16) - bc * 16)
     assert sorted(index[index >= 0].tolist()) == list(range(delta.numel_support))
     # CSC order, for grad_x = grad @ ΔW.
-    ccol, row, order = delta.csc_pattern()
+    layout = delta.layout()
+    ccol, row, order = layout.ccol, layout.csc_row, layout.csc_order
     cols = delta.indices[order] % delta.shape[1]
     assert torch.equal(cols, cols.sort().values) and torch.equal(row, delta.indices[order] // delta.shape[1])
     assert torch.equal(ccol[1:] - ccol[:-1], torch.bincount(cols, minlength=delta.shape[1]))
@@ -114,54 +118,62 @@ def test_block_pattern_is_none_without_whole_blocks_and_follows_the_support():
         sparse.SparseDelta((4, 4), torch.tensor([0]), torch.float32, block_size=0)
 
 
-def test_backend_selection_and_repr(monkeypatch):
+def test_backend_selection_and_repr():
     x = torch.zeros(2, 3)
-    monkeypatch.delenv("PEFT_SPARSE_BACKEND", raising=False)
-    assert kernels.backend_for(x) == "torch"  # auto: torch on CPU tensors
-    monkeypatch.setenv("PEFT_SPARSE_BACKEND", "torch")
-    assert kernels.backend_for(x) == "torch"
-    monkeypatch.setenv("PEFT_SPARSE_BACKEND", "Auto")
-    assert kernels.backend_for(x) == "torch"
+    assert kernels.get_backend() == "auto" and kernels.backend_for(x) == "torch"  # auto: torch on CPU tensors
     delta = make_delta("block16-edges")
     assert "block_size=16" in repr(delta) and "backend=auto->torch" in repr(delta)
-    monkeypatch.setenv("PEFT_SPARSE_BACKEND", "cuda")
-    with pytest.raises(ValueError, match="PEFT_SPARSE_BACKEND='cuda' is not one of auto, torch, triton"):
-        kernels.backend_for(x)
-    assert "backend='cuda'->invalid" in repr(delta)  # a repr never raises
+    with kernels.use_backend("Torch"):
+        assert kernels.get_backend() == "torch" and kernels.backend_for(x) == "torch"
+        assert "backend=torch->torch" in repr(delta)
+        with pytest.raises(ValueError, match="backend='cuda' is not one of auto, torch, triton"):
+            kernels.set_backend("cuda")
+    assert kernels.get_backend() == "auto"  # the context manager restores the previous backend
+
+
+def test_the_backend_is_read_from_the_environment_once_at_import():
+    code = "import peft_sparse.kernels as k; print(k.get_backend())"
+    env = {**os.environ, "PEFT_SPARSE_BACKEND": " Torch "}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "torch", done.stderr[-2000:]
+    env["PEFT_SPARSE_BACKEND"] = "cuda"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "PEFT_SPARSE_BACKEND='cuda' is not one of auto, torch, triton" in done.stderr
+
+
+FORCED = r"the peft_sparse backend is 'triton' \(PEFT_SPARSE_BACKEND or set_backend\), but "
 
 
 def test_forcing_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("PEFT_SPARSE_BACKEND", "triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    message = "PEFT_SPARSE_BACKEND=triton, but "
+    message = FORCED
     if kernels.is_triton_available():
         message += "the tensors are on the CPU and TRITON_INTERPRET=1 is not set"
-    with pytest.raises(RuntimeError, match=message):
-        kernels.backend_for(torch.zeros(2, 3))
     delta = make_delta("unstructured-odd")
-    assert "backend=triton->unavailable" in repr(delta)
     x = torch.randn(4, 23, requires_grad=True)
-    with pytest.raises(RuntimeError, match="PEFT_SPARSE_BACKEND=triton"):
-        sparse.sparse_delta_linear(x, delta.values, delta)
+    with kernels.use_backend("triton"):
+        with pytest.raises(RuntimeError, match=message):
+            kernels.backend_for(torch.zeros(2, 3))
+        assert "backend=triton->unavailable" in repr(delta)
+        with pytest.raises(RuntimeError, match=FORCED):
+            sparse.sparse_delta_linear(x, delta.values, delta)
 
 
 def test_forcing_triton_without_triton_installed_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", None)  # what `import triton` sees when it is not installed
     kernels.is_triton_available.cache_clear()  # the answer is cached per process; this test fakes another one
     assert not kernels.is_triton_available()
-    monkeypatch.setenv("PEFT_SPARSE_BACKEND", "triton")
-    with pytest.raises(RuntimeError, match=r"triton is not installed \(pip install 'peft_sparse\[triton\]'\)"):
-        kernels.backend_for(torch.zeros(2, 3))
-    monkeypatch.setenv("PEFT_SPARSE_BACKEND", "auto")
+    with kernels.use_backend("triton"):
+        with pytest.raises(RuntimeError, match=r"triton is not installed \(pip install 'peft_sparse\[triton\]'\)"):
+            kernels.backend_for(torch.zeros(2, 3))
     assert kernels.backend_for(torch.zeros(2, 3)) == "torch"
     kernels.is_triton_available.cache_clear()
 
 
 @pytest.mark.skipif(IN_INTERPRETER or not kernels.is_triton_available(), reason="needs triton, imported without TRITON_INTERPRET")
 def test_setting_the_interpreter_after_triton_was_imported_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("PEFT_SPARSE_BACKEND", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1 was set after triton was imported"):
+    with kernels.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1 was set after triton"):
         kernels.backend_for(torch.zeros(2, 3))
 
 
@@ -172,12 +184,12 @@ import sys
 sys.modules["triton"] = None
 import torch
 from peft_sparse import kernels, sparse
-from peft_sparse.kernels import sddmm, spmm
+from peft_sparse.kernels import reference, sddmm, spmm
 assert not kernels.is_triton_available() and kernels.backend_for(torch.zeros(1)) == "torch"
 delta = sparse.SparseDelta((6, 5), torch.tensor([1, 7, 12, 29]), torch.float32)
 x = torch.randn(2, 3, 5, requires_grad=True)
 sparse.sparse_delta_linear(x, delta.values, delta).sum().backward()
-ref = sddmm.sddmm_reference(torch.ones(6, 6), x.detach().reshape(6, 5), delta.indices)
+ref = reference.sddmm_reference(torch.ones(6, 6), x.detach().reshape(6, 5), delta.indices)
 torch.testing.assert_close(delta.values.grad, ref)
 print("ok")
 """
@@ -204,28 +216,30 @@ class TestKernels:
     """Every kernel against the torch reference (run under ``TRITON_INTERPRET=1``; see the module docstring)."""
 
     @pytest.fixture(autouse=True)
-    def triton_backend(self, monkeypatch):
+    def triton_backend(self):
         pytest.importorskip("triton", minversion=INTERPRETER_MIN_TRITON, reason=INTERPRETER_SKIP_REASON)
-        monkeypatch.setenv("PEFT_SPARSE_BACKEND", "triton")
+        with kernels.use_backend("triton"):
+            yield
 
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     @pytest.mark.parametrize("name", SHAPES)
-    def test_sddmm(self, name, dtype, monkeypatch):
+    def test_sddmm(self, name, dtype):
         from peft_sparse.kernels import sddmm
 
         delta = make_delta(name)
+        layout = delta.layout()
         g = torch.Generator().manual_seed(1)
         grad = torch.randn(29, delta.shape[0], generator=g).to(dtype)
         x = torch.randn(29, delta.shape[1], generator=g).to(dtype)
-        expected = sddmm.sddmm_reference(grad, x, delta.indices)
-        got = sparse.sampled_grad(grad, x, delta)  # dispatches: the block kernel where the support allows
+        expected = reference.sddmm_reference(grad, x, delta.indices)
+        got = function.sddmm(grad, x, layout)  # dispatches: the block kernel where the support allows
         assert got.dtype == torch.float32
         # Products of the inputs are exact in fp32, in every dtype: only the order of the sums differs.
         assert_close_scaled(got, expected, 1e-5)
         if uses_block_kernels(delta):  # the entry kernel serves block supports too
             assert_close_scaled(sddmm.sddmm_csr(grad, x, delta.indices, delta.shape[1]), expected, 1e-5)
-        monkeypatch.setenv("PEFT_SPARSE_BACKEND", "torch")
-        assert_close_scaled(sparse.sampled_grad(grad, x, delta), expected, 1e-5)
+        with kernels.use_backend("torch"):  # the torch implementation (CSR, or the batched block product)
+            assert_close_scaled(function.sddmm(grad, x, layout), expected, 1e-5)
 
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     @pytest.mark.parametrize("name", SHAPES)
@@ -233,18 +247,23 @@ class TestKernels:
         from peft_sparse.kernels import spmm
 
         delta = make_delta(name)
+        layout = delta.layout()
         g = torch.Generator().manual_seed(2)
         x = torch.randn(21, delta.shape[1], generator=g).to(dtype)
         grad = torch.randn(21, delta.shape[0], generator=g).to(dtype)
         values = delta.values.detach()
-        y = spmm.spmm(x, values, delta)
-        grad_x = spmm.spmm_t(grad, values, delta)
+        y = spmm.spmm(x, values, layout)
+        grad_x = spmm.spmm_t(grad, values, layout)
         assert y.dtype == dtype and grad_x.dtype == dtype
-        assert_close_scaled(y, spmm.spmm_reference(x, delta.indices, values, delta.shape), DTYPES[dtype])
-        assert_close_scaled(grad_x, spmm.spmm_t_reference(grad, delta.indices, values, delta.shape), DTYPES[dtype])
+        assert_close_scaled(y, reference.spmm_reference(x, delta.indices, values, delta.shape), DTYPES[dtype])
+        assert_close_scaled(grad_x, reference.spmm_t_reference(grad, delta.indices, values, delta.shape),
+                            DTYPES[dtype])
         if uses_block_kernels(delta):  # the entry kernels serve block supports too
-            assert_close_scaled(spmm.spmm_csr(x, values, delta), y, DTYPES[dtype])
-            assert_close_scaled(spmm.spmm_t_csr(grad, values, delta), grad_x, DTYPES[dtype])
+            assert_close_scaled(spmm.spmm_csr(x, values, layout), y, DTYPES[dtype])
+            assert_close_scaled(spmm.spmm_t_csr(grad, values, layout), grad_x, DTYPES[dtype])
+        with kernels.use_backend("torch"):
+            assert_close_scaled(function.spmm(x, values, layout), y, DTYPES[dtype])
+            assert_close_scaled(function.spmm_t(grad, values, layout), grad_x, DTYPES[dtype])
 
     def test_tokens_split_over_programs(self):
         """The token split (fp32 atomics), which a GPU uses when there are few entries or blocks."""
@@ -253,7 +272,7 @@ class TestKernels:
         for name in ("unstructured-odd", "block16-edges"):
             delta = make_delta(name)
             grad, x = torch.randn(70, delta.shape[0]), torch.randn(70, delta.shape[1])
-            expected = sddmm.sddmm_reference(grad, x, delta.indices)
+            expected = reference.sddmm_reference(grad, x, delta.indices)
             got = sddmm.sddmm_csr(grad, x, delta.indices, delta.shape[1], split=3, block_t=16)
             assert_close_scaled(got, expected, 1e-5)
             if name != "unstructured-odd":
@@ -262,17 +281,16 @@ class TestKernels:
 
     @pytest.mark.parametrize("tokens", [0, 5])
     def test_empty_supports_and_no_tokens(self, tokens):
-        from peft_sparse.kernels import sddmm, spmm
-
         for name in ("unstructured-odd", "block16-edges"):
             delta = make_delta(name)
             if tokens:
                 delta.set_support(torch.zeros(0, dtype=torch.int64))
+            layout = delta.layout()
             x, grad = torch.randn(tokens, delta.shape[1]), torch.randn(tokens, delta.shape[0])
             k = delta.numel_support
-            torch.testing.assert_close(sddmm.sddmm(grad, x, delta), torch.zeros(k))
-            torch.testing.assert_close(spmm.spmm(x, delta.values, delta), torch.zeros(tokens, delta.shape[0]))
-            torch.testing.assert_close(spmm.spmm_t(grad, delta.values, delta), torch.zeros(tokens, delta.shape[1]))
+            torch.testing.assert_close(function.sddmm(grad, x, layout), torch.zeros(k))
+            torch.testing.assert_close(function.spmm(x, delta.values, layout), torch.zeros(tokens, delta.shape[0]))
+            torch.testing.assert_close(function.spmm_t(grad, delta.values, layout), torch.zeros(tokens, delta.shape[1]))
             y = sparse.sparse_delta_linear(x.view(1, tokens, delta.shape[1]).requires_grad_(), delta.values, delta)
             y.sum().backward()
             assert y.shape == (1, tokens, delta.shape[0]) and delta.values.grad.shape == (k,)
@@ -280,8 +298,9 @@ class TestKernels:
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
     @pytest.mark.parametrize("with_weight", [False, True], ids=["no-weight", "weight"])
     @pytest.mark.parametrize("name", ["unstructured-odd", "block16-edges"])
-    def test_linear_on_3d_inputs_matches_the_torch_backend(self, name, with_weight, dtype, monkeypatch):
-        """``sparse_delta_linear`` forward and backward: SpMM both ways (no weight: quantized bases) and SDDMM."""
+    def test_linear_on_3d_inputs_matches_the_reference(self, name, with_weight, dtype):
+        """``sparse_delta_linear`` forward and backward (SpMM both ways and SDDMM) on both backends, against
+        the dense reference."""
         delta = make_delta(name, dtype=dtype)
         g = torch.Generator().manual_seed(3)
         x0 = torch.randn(2, 5, delta.shape[1], generator=g).to(dtype)
@@ -289,21 +308,27 @@ class TestKernels:
         bias = torch.randn(delta.shape[0], generator=g).to(dtype)
         upstream = torch.randn(2, 5, delta.shape[0], generator=g).to(dtype)
         results = {}
-        for backend in ("torch", "triton"):
-            monkeypatch.setenv("PEFT_SPARSE_BACKEND", backend)
+        for backend in ("reference", "torch", "triton"):
             delta.values.grad = None
             x = x0.clone().requires_grad_()
-            y = sparse.sparse_delta_linear(x, delta.values, delta, weight, bias)
-            (y * upstream).sum().backward()
+            if backend == "reference":
+                y = reference.sparse_delta_linear_reference(x, delta.indices, delta.values, delta.shape, weight, bias)
+            else:
+                with kernels.use_backend(backend):
+                    y = sparse.sparse_delta_linear(x, delta.values, delta, weight, bias)
+                    (y * upstream).sum().backward()
+            if backend == "reference":
+                (y * upstream).sum().backward()
             results[backend] = (y.detach(), x.grad, delta.values.grad)
         tol = DTYPES[dtype] * 4
-        for expected, got in zip(results["torch"], results["triton"]):
-            assert got.dtype == expected.dtype
-            assert_close_scaled(got, expected, tol)
+        for backend in ("torch", "triton"):
+            for expected, got in zip(results["reference"], results[backend]):
+                assert got.dtype == expected.dtype
+                assert_close_scaled(got, expected, tol)
 
     @pytest.mark.parametrize("hidden", [32, 40], ids=["hidden32", "hidden40"])
     @pytest.mark.parametrize("block_size", [1, 16], ids=["entries", "blocks16"])
-    def test_tiny_llama_gradients_match_the_torch_backend(self, block_size, hidden, monkeypatch):
+    def test_tiny_llama_gradients_match_the_torch_backend(self, block_size, hidden):
         """A whole SparseMask LLaMA, two adapters active (the second runs without the weight: SpMM both ways)."""
         torch.manual_seed(0)
         config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=hidden + 16, num_hidden_layers=1,
@@ -317,8 +342,7 @@ class TestKernels:
         deltas = {n: m for n, m in model.named_modules() if isinstance(m, sparse.SparseDelta)}
         assert len(deltas) == 14
         for delta in deltas.values():
-            if delta.block_size == 1:  # until SparseMask's layer passes its block_size to SparseDelta
-                delta.block_size = block_size
+            assert delta.block_size == block_size
             assert (delta.block_pattern() is not None) == (block_size > 1)
             with torch.no_grad():
                 delta.values.normal_(0, 0.02)
@@ -326,10 +350,10 @@ class TestKernels:
         model.train()
         results = {}
         for backend in ("torch", "triton"):
-            monkeypatch.setenv("PEFT_SPARSE_BACKEND", backend)
-            model.zero_grad(set_to_none=True)
-            loss = model(**batch).loss
-            loss.backward()
+            with kernels.use_backend(backend):
+                model.zero_grad(set_to_none=True)
+                loss = model(**batch).loss
+                loss.backward()
             results[backend] = (loss.detach(), {n: d.values.grad.clone() for n, d in deltas.items()})
         torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-5, atol=1e-6)
         for name, expected in results["torch"][1].items():
@@ -337,30 +361,72 @@ class TestKernels:
             assert_close_scaled(results["triton"][1][name] / scale, expected / scale, 1e-4)
 
 
-@pytest.mark.skipif(
+CUDA_ONLY = pytest.mark.skipif(
     IN_INTERPRETER or not torch.cuda.is_available() or not kernels.is_triton_available(),
     reason="needs a CUDA GPU and triton (the compiled kernels)",
 )
+
+
+@CUDA_ONLY
 def test_compiled_kernels_on_cuda():
-    """The same checks as ``TestKernels``, on a GPU with the compiled kernels (skipped on CPU-only CI)."""
+    """The same checks as ``TestKernels`` on a GPU with the compiled (and autotuned) kernels, plus LLaMA-sized
+    weights and token counts against a float64 reference (skipped on CPU-only CI)."""
     from peft_sparse.kernels import sddmm, spmm
 
-    for name in SHAPES:
-        delta = make_delta(name).cuda()
-        values = delta.values.detach()
+    cases = [(name, 300) for name in SHAPES]
+    for shape, block in [((2048, 2048), 32), ((5632, 2048), 64), ((2000, 3000), 32), ((256, 2048), 128)]:
+        g = torch.Generator().manual_seed(0)
+        count = max(1, round(0.02 * -(-shape[0] // block) * -(-shape[1] // block)))
+        support = sparse.random_support(shape, count, g, block_size=block)
+        cases.append((sparse.SparseDelta(shape, support, torch.float32, block_size=block), 4096))
+        support = sparse.random_support(shape, round(0.01 * shape[0] * shape[1]), g)
+        cases.append((sparse.SparseDelta(shape, support, torch.float32), 1000))
+    for case, tokens in cases:
+        delta = (make_delta(case) if isinstance(case, str) else case).cuda()
+        with torch.no_grad():
+            delta.values.normal_()
+        layout, values = delta.layout(), delta.values.detach()
         for dtype, tol in DTYPES.items():
-            x = torch.randn(300, delta.shape[1], device="cuda").to(dtype)
-            grad = torch.randn(300, delta.shape[0], device="cuda").to(dtype)
-            expected = sddmm.sddmm_reference(grad, x, delta.indices)
-            assert_close_scaled(sddmm.sddmm(grad, x, delta), expected, 1e-5)
+            x = torch.randn(tokens, delta.shape[1], device="cuda").to(dtype)
+            grad = torch.randn(tokens, delta.shape[0], device="cuda").to(dtype)
+            expected = reference.sddmm_reference(grad.double(), x.double(), delta.indices)
+            assert_close_scaled(sddmm.sddmm(grad, x, layout), expected, 1e-5)
+            assert_close_scaled(function.sddmm(grad, x, layout), expected, tol)  # auto: dense + gather on entries
             assert_close_scaled(sddmm.sddmm_csr(grad, x, delta.indices, delta.shape[1], split=3), expected, 1e-5)
             if uses_block_kernels(delta):
-                assert_close_scaled(sddmm.sddmm_bsr(grad, x, delta.block_pattern(), delta.shape, split=3), expected,
-                                    1e-5)
-            assert_close_scaled(spmm.spmm(x, values, delta), spmm.spmm_reference(x, delta.indices, values, delta.shape),
-                                tol)
-            assert_close_scaled(spmm.spmm_t(grad, values, delta),
-                                spmm.spmm_t_reference(grad, delta.indices, values, delta.shape), tol)
+                assert_close_scaled(sddmm.sddmm_bsr(grad, x, layout.blocks, delta.shape, split=3), expected, 1e-5)
+            y_ref = reference.spmm_reference(x.double(), delta.indices, values.double(), delta.shape)
+            gx_ref = reference.spmm_t_reference(grad.double(), delta.indices, values.double(), delta.shape)
+            assert_close_scaled(spmm.spmm(x, values, layout), y_ref, tol)
+            assert_close_scaled(spmm.spmm_t(grad, values, layout), gx_ref, tol)
+            assert_close_scaled(function.spmm(x, values, layout), y_ref, tol)
+            assert_close_scaled(function.spmm_t(grad, values, layout), gx_ref, tol)
+
+
+@CUDA_ONLY
+@pytest.mark.parametrize("block_size", [1, 32], ids=["entries", "blocks32"])
+def test_training_on_cuda_matches_the_cpu(block_size):
+    """One SparseMask LLaMA step on the GPU (merged weight, kernels) equals the same step on the CPU."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    base = LlamaForCausalLM(config)
+    grads = {}
+    for device in ("cpu", "cuda"):
+        model = get_peft_model(copy.deepcopy(base), SparseMaskConfig(
+            task_type="CAUSAL_LM", density=0.1, block_size=block_size, selection="random")).to(device)
+        for module in model.modules():
+            if isinstance(module, sparse.SparseDelta):
+                with torch.no_grad():
+                    module.values.copy_(torch.linspace(-0.05, 0.05, module.numel_support))
+        batch = {k: v.to(device) for k, v in make_batch("llama", batch=2, seq=7).items()}
+        model.train()
+        loss = model(**batch).loss
+        loss.backward()
+        grads[device] = (loss.detach().cpu(), [p.grad.cpu() for p in model.parameters() if p.requires_grad])
+    torch.testing.assert_close(grads["cuda"][0], grads["cpu"][0], rtol=1e-4, atol=1e-5)
+    for got, expected in zip(grads["cuda"][1], grads["cpu"][1]):
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-5)
 
 
 if not IN_INTERPRETER:
