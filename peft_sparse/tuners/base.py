@@ -19,7 +19,14 @@ from typing import Any, Optional
 
 import torch
 from peft.config import PeftConfig
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, check_adapters_to_merge
+from peft.tuners.tuners_utils import (
+    BaseTuner,
+    BaseTunerLayer,
+    _ExcludedModule,
+    _maybe_include_all_linear_layers,
+    check_adapters_to_merge,
+)
+from peft.utils import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from peft.utils import AuxiliaryTrainingWrapper, _get_submodules
 from peft.utils.constants import DUMMY_TARGET_MODULES
 from peft.utils.quantization_utils import resolve_quantization_backend
@@ -138,7 +145,16 @@ class SparseTunerModel(BaseTuner):
         self._base_requires_grad = [(p, p.requires_grad) for p in model.parameters()]
         super().__init__(model, *args, **kwargs)
 
+    #: Whether ``target_modules="all-linear"`` means something for this tuner (Learners pick FFNs themselves).
+    accepts_all_linear: bool = True
+
     # ----------------------------------------------------------------------------------------------- injection
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        # The tuner keeps its own copy of the config and resolves model-dependent defaults into it, so the
+        # user's config object is never changed: the same config can build adapters on different models.
+        self.peft_config[adapter_name] = copy.deepcopy(self.peft_config[adapter_name])
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+
     def _resolve_config(self, model: nn.Module, config: PeftConfig) -> PeftConfig:
         """Fill in model-dependent defaults; return the config to inject with. The default target is every
         linear layer inside the transformer blocks (SparseMask, DPS); other tuners override this."""
@@ -167,6 +183,17 @@ class SparseTunerModel(BaseTuner):
     def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> PeftConfig:
         # Called by PEFT's inject_adapter before any module is touched, for the first adapter and for every
         # adapter added later, so all validation lives here.
+        targets = peft_config.target_modules
+        if isinstance(targets, str) and targets.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND:
+            if not self.accepts_all_linear:
+                raise ValueError(
+                    f"target_modules='all-linear' does not apply to {type(peft_config).__name__}: it chooses its "
+                    "modules itself (see its docstring); leave target_modules unset"
+                )
+            # PEFT's own expansion, exactly as for LoRA: every linear layer but the output embeddings / the
+            # classification head, recorded as explicit names so that a saved adapter reloads onto the same ones.
+            _maybe_include_all_linear_layers(peft_config, self.model)
+            peft_config.target_modules = sorted(peft_config.target_modules)
         config = self._resolve_config(self.model, peft_config)
         if config.target_modules != DUMMY_TARGET_MODULES:
             self._validate_targets(self.model, config)

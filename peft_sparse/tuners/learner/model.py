@@ -28,6 +28,7 @@ class LearnerModel(SparseTunerModel):
 
     prefix: str = "learner_"
     tuner_layer_cls = LearnerLayer
+    accepts_all_linear = False
 
     def _supports(self, module: nn.Module) -> bool:
         return is_linear(module)
