@@ -5,7 +5,9 @@ Importing the package registers its tuners with stock PEFT, so ``get_peft_model`
 ``peft_sparse`` before loading a saved peft_sparse adapter.
 """
 
-from peft_sparse.registry import check_peft_version
+__version__ = "0.2.0.dev0"
+
+from peft_sparse.registry import check_peft_version  # noqa: E402
 
 check_peft_version()
 
@@ -28,8 +30,6 @@ from peft_sparse.tuners import (  # noqa: E402
     SparseMaskModel,
 )
 from peft_sparse.tuners.base import CalibrationRequiredError  # noqa: E402
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BitFitConfig",

@@ -1,7 +1,15 @@
-"""``calibrate``: the short measuring pass that data-driven selections (LayerSelect ``num_layers``…) need."""
+"""``calibrate``: the short measuring pass that data-driven selections need.
+
+SparseMask ``selection="gradient"`` (Σ of squared weight gradients), LayerSelect ``num_layers`` (gradient norm
+per block) and Learner priming (how far each FFN node moves) choose what to train from a few batches, before the
+training optimizer exists. Under several processes (``torch.distributed`` initialised: DDP, FSDP, Accelerate),
+every rank measures on its own batches and the measurements are summed over the ranks before the selection, so
+every rank installs the same selection, equal to one process measuring the union of the batches.
+"""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from itertools import islice
 from typing import Any, Optional
@@ -11,14 +19,12 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from tqdm.auto import tqdm
 
-from peft_sparse.tuners.base import SparseTunerModel
+from peft_sparse.tuners.base import SparseTunerModel, find_tuner
 
 
 def _tuner_of(model: nn.Module) -> BaseTuner:
-    tuner = getattr(model, "base_model", None)
-    if isinstance(model, BaseTuner):
-        tuner = model
-    if not isinstance(tuner, BaseTuner):
+    tuner = find_tuner(model)
+    if tuner is None:
         raise ValueError(f"calibrate() needs a PEFT model (from get_peft_model), got {type(model).__name__}")
     return tuner
 
@@ -29,39 +35,51 @@ def requires_calibration(model: nn.Module) -> bool:
     return isinstance(tuner, SparseTunerModel) and any(tuner.needs_calibration(a) for a in tuner.active_adapters)
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    return batch
+def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _all_reduce(tensors: list[torch.Tensor]) -> None:
+    """Sum ``tensors`` in place over every process (nothing to do in a single process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for tensor in tensors:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
 
 def calibrate(model: nn.Module, batches: Iterable[Mapping[str, Any]], num_batches: Optional[int] = None) -> int:
     """Run the calibration that the active adapters' automatic selection needs, then apply the selection.
 
     Args:
-        model: A PEFT model whose active adapter(s) wait for calibration (``requires_calibration(model)``).
+        model: A PEFT model (possibly wrapped by DDP/FSDP/Accelerate) whose active adapter(s) wait for
+            calibration (``requires_calibration(model)``).
         batches: Model-input dicts with labels (so the model returns a loss): a DataLoader, or any iterable.
+            Under several processes each rank may see its own batches; give every rank the same ``num_batches``.
         num_batches: Use at most this many batches (default: all of them).
 
     Returns:
-        The number of batches used. Train/eval mode is restored afterwards and no ``.grad`` is left behind.
-        With nothing to calibrate it warns and returns 0.
+        The number of batches used on this process. Train/eval mode is restored afterwards and no ``.grad`` is
+        left behind. With nothing to calibrate it warns and returns 0.
     """
     tuner = _tuner_of(model)
     pending = (
         [a for a in tuner.active_adapters if tuner.needs_calibration(a)] if isinstance(tuner, SparseTunerModel) else []
     )
     if not pending:
-        import warnings
-
         warnings.warn("calibrate(): no active adapter needs calibration; nothing was done")
         return 0
-    if num_batches is not None and num_batches < 1:
-        raise ValueError(f"num_batches must be positive, got {num_batches}")
+    if num_batches is not None and (not isinstance(num_batches, int) or isinstance(num_batches, bool) or num_batches < 1):
+        raise ValueError(f"num_batches must be a positive integer, got {num_batches!r}")
+    frozen = [a for a in pending if tuner.peft_config[a].inference_mode]
+    if frozen:
+        raise ValueError(
+            f"Adapter(s) {frozen} were created or loaded with inference_mode=True (is_trainable=False), so there is "
+            "nothing to calibrate and train; load them with is_trainable=True"
+        )
     total = num_batches if num_batches is not None else (len(batches) if hasattr(batches, "__len__") else None)
-    device = next(p.device for p in model.parameters())
+    device = next(p.device for p in tuner.model.parameters())
     was_training = model.training
     used = 0
     model.train()
@@ -69,6 +87,11 @@ def calibrate(model: nn.Module, batches: Iterable[Mapping[str, Any]], num_batche
     session = tuner._begin_calibration(pending)
     try:
         for batch in tqdm(islice(batches, num_batches), total=total, desc="calibrating", leave=False):
+            if not isinstance(batch, Mapping):
+                raise TypeError(
+                    f"calibrate() takes batches that are dicts of model inputs with labels (as a DataLoader with a "
+                    f"data collator yields them), got a {type(batch).__name__}"
+                )
             outputs = model(**_to_device(batch, device))
             loss = outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", None)
             if loss is None:
@@ -80,6 +103,7 @@ def calibrate(model: nn.Module, batches: Iterable[Mapping[str, Any]], num_batche
                 break
         if used == 0:
             raise ValueError("calibrate() got no batches")
+        _all_reduce(session.measurements())
         session.finish()
     finally:
         session.close()

@@ -11,23 +11,18 @@ import re
 from typing import Iterable
 
 import torch
+from peft.utils.quantization_utils import resolve_quantization_backend
 from torch import nn
 from transformers.pytorch_utils import Conv1D
-
-try:  # bitsandbytes is optional (extra "quant")
-    import bitsandbytes as bnb
-
-    QUANTIZED_LINEAR_TYPES: tuple[type, ...] = (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)
-except Exception:  # pragma: no cover - exercised only without bitsandbytes
-    QUANTIZED_LINEAR_TYPES = ()
 
 LINEAR_TYPES: tuple[type, ...] = (nn.Linear, Conv1D)
 NORM_TYPES: tuple[type, ...] = (nn.LayerNorm,)
 
 
 def is_quantized(module: nn.Module) -> bool:
-    """True for bitsandbytes 8-bit / 4-bit linear layers, whose weight cannot be read as a float tensor."""
-    return bool(QUANTIZED_LINEAR_TYPES) and isinstance(module, QUANTIZED_LINEAR_TYPES)
+    """Whether ``module``'s weight is quantized, as PEFT's quantization backends see it (bitsandbytes 8/4-bit, HQQ,
+    torchao...): such a weight cannot be read or changed as a float tensor."""
+    return resolve_quantization_backend(module) is not None
 
 
 def is_linear(module: nn.Module) -> bool:

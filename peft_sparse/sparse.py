@@ -39,6 +39,13 @@ def block_support(block_ids: torch.Tensor, shape: tuple[int, int], block_size: i
     return (rows[inside] * in_features + cols[inside]).sort().values
 
 
+def block_ids(indices: torch.Tensor, shape: tuple[int, int], block_size: int) -> torch.Tensor:
+    """Sorted ids (flat over the block grid) of the blocks that hold the flat entry ``indices``."""
+    rows = torch.div(indices, shape[1], rounding_mode="floor") // block_size
+    cols = (indices % shape[1]) // block_size
+    return torch.unique(rows * math.ceil(shape[1] / block_size) + cols)
+
+
 def block_scores(scores: torch.Tensor, block_size: int) -> torch.Tensor:
     """Sum of ``scores`` (an ``(out, in)`` matrix) over each block of the grid, flattened row-major."""
     out_features, in_features = scores.shape

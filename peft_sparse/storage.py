@@ -23,14 +23,31 @@ KINDS = ("support", "values", "shape", "mask", "pruned")  # and "dense" (delta_e
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def cast_for_saving(key: str, values: torch.Tensor, save_dtype: Optional[str]) -> torch.Tensor:
+    """``values`` in ``save_dtype``; a ``ValueError`` when a finite value does not fit it (fp16 tops out at
+    65504), instead of saving an infinity."""
+    values = values.detach()
+    dtype = SAVE_DTYPES.get(save_dtype) if save_dtype else None
+    if dtype is None or dtype == values.dtype:
+        return values
+    cast = values.to(dtype)
+    overflow = torch.isinf(cast) & torch.isfinite(values)
+    if bool(overflow.any()):
+        largest = values[overflow].abs().max().item()
+        raise ValueError(
+            f"{key}: a value of magnitude {largest:.3g} does not fit save_dtype={save_dtype!r} (largest "
+            f"{torch.finfo(dtype).max:.5g}); save in 'bfloat16' or 'float32'"
+        )
+    return cast
+
+
 def sparse_entries(
     key: str, indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, int], save_dtype: Optional[str] = None
 ) -> dict[str, torch.Tensor]:
     """The checkpoint entries of a sparse tensor (``values`` at sorted flat ``indices``)."""
-    dtype = SAVE_DTYPES.get(save_dtype) if save_dtype else None
     return {
         f"{key}.support": sparse.encode_indices(indices),
-        f"{key}.values": values.detach().to(dtype) if dtype is not None else values.detach(),
+        f"{key}.values": cast_for_saving(key, values, save_dtype),
         f"{key}.shape": torch.tensor(shape, dtype=torch.int32),
     }
 
@@ -95,7 +112,10 @@ def delta_entries(
     value_bytes = torch.empty(0, dtype=dtype).element_size()
     if indices.numel() * (2 + value_bytes) < flat.numel() * value_bytes:
         return sparse_entries(key, indices, flat[indices], tuple(delta.shape), save_dtype)
-    return {f"{key}.dense": delta.detach().to(dtype), f"{key}.shape": torch.tensor(delta.shape, dtype=torch.int32)}
+    return {
+        f"{key}.dense": cast_for_saving(key, delta, save_dtype),
+        f"{key}.shape": torch.tensor(delta.shape, dtype=torch.int32),
+    }
 
 
 def read_delta(state_dict: dict[str, torch.Tensor], key: str, shape: tuple[int, int]) -> torch.Tensor:

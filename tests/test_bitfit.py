@@ -49,32 +49,8 @@ def test_llama_layers_without_bias_get_a_zero_bias_and_merge_creates_it():
     torch.testing.assert_close(logits(merged, batch), trained, rtol=1e-5, atol=1e-5)
 
 
-def test_training_changes_only_biases_and_disable_restores_base_exactly(arch):
-    model, reference = bitfit(arch)
-    batch = make_batch(arch)
-    weights_before = {n: p.clone() for n, p in model.named_parameters() if n.endswith("base_layer.weight")}
-    train_steps(model, batch)
-    assert not torch.allclose(logits(model, batch), logits(reference, batch))
-    for n, p in model.named_parameters():
-        if n in weights_before:
-            assert torch.equal(p, weights_before[n])
-    with model.disable_adapter():
-        # The head is a PEFT modules_to_save copy; disabling restores the original head too.
-        torch.testing.assert_close(logits(model, batch), logits(reference, batch), rtol=0, atol=0)
 
 
-def test_merge_unmerge_and_merge_and_unload(arch):
-    model, reference = bitfit(arch)
-    batch = make_batch(arch)
-    train_steps(model, batch)
-    trained = logits(model, batch)
-    model.base_model.merge_adapter()
-    torch.testing.assert_close(logits(model, batch), trained, rtol=1e-5, atol=1e-5)
-    model.base_model.unmerge_adapter()
-    torch.testing.assert_close(logits(model, batch), trained, rtol=1e-5, atol=1e-5)
-    merged = model.merge_and_unload()
-    assert not any(isinstance(m, BitFitLayer) for m in merged.modules())
-    torch.testing.assert_close(logits(merged, batch), trained, rtol=1e-5, atol=1e-5)
 
 
 def test_save_holds_only_bias_deltas_and_head_and_round_trips(arch, tmp_path):
@@ -99,24 +75,6 @@ def test_subset_of_biases_like_the_paper():
     assert all(n.endswith(("attention.self.query", "intermediate.dense")) for n in wrapped)
 
 
-def test_several_adapters_set_delete():
-    model, reference = bitfit("bert")
-    batch = make_batch("bert")
-    train_steps(model, batch)
-    first = logits(model, batch)
-    model.add_adapter("second", BitFitConfig(task_type="SEQ_CLS", target_modules=["query"]))
-    # Adding an adapter keeps the active one and its outputs.
-    torch.testing.assert_close(logits(model, batch), first, rtol=0, atol=0)
-    model.set_adapter("second")
-    assert all("second" in n for n in trainable_names(model))
-    train_steps(model, batch)
-    second = logits(model, batch)
-    assert not torch.allclose(second, first)
-    model.set_adapter("default")
-    torch.testing.assert_close(logits(model, batch), first, rtol=0, atol=0)
-    model.delete_adapter("second")
-    assert not any("second" in n for n, _ in model.named_parameters())
-    torch.testing.assert_close(logits(model, batch), first, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
@@ -138,5 +96,5 @@ def test_bad_targets_raise_and_leave_the_model_untouched(kwargs, message):
 def test_config_validation():
     with pytest.raises(ValueError, match="target_modules must be non-empty names"):
         BitFitConfig(target_modules=[])
-    with pytest.raises(ValueError, match="layers_to_transform needs layers_pattern"):
-        BitFitConfig(layers_to_transform=[0])
+    with pytest.raises(ValueError, match="`layers_to_transform` must be a block index"):
+        BitFitConfig(layers_to_transform=[-1])

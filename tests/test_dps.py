@@ -40,20 +40,6 @@ def run_steps(model, batch, steps, lr=1e-2, weight_decay=0.0, on_step=None):
     return optimizer
 
 
-def test_init_trainable_disable_merge_save_load(arch, tmp_path):
-    model, reference = dps(arch)
-    batch = make_batch(arch)
-    torch.testing.assert_close(logits(model, batch), logits(reference, batch), rtol=0, atol=0)
-    assert all("dps_delta" in n or "modules_to_save" in n for n in trainable_names(model))
-    run_steps(model, batch, 8)
-    trained = logits(model, batch)
-    assert not torch.allclose(trained, logits(reference, batch))
-    with model.disable_adapter():
-        torch.testing.assert_close(logits(model, batch), logits(reference, batch), rtol=0, atol=0)
-    model.save_pretrained(tmp_path)
-    loaded = PeftModel.from_pretrained(make_model(arch), tmp_path)
-    torch.testing.assert_close(logits(loaded, batch), trained, rtol=0, atol=0)
-    torch.testing.assert_close(logits(model.merge_and_unload(), batch), trained, rtol=1e-5, atol=1e-5)
 
 
 def test_stages_alternate_and_stage_two_keeps_the_top_scores():
@@ -135,6 +121,9 @@ def test_mix_samples_input_columns_in_stage_one():
     grad = layer.dps_delta["default"].grad
     dead_columns = (grad == 0).all(0)
     assert 0 < dead_columns.sum() < layer.in_features  # some, not all, columns were dropped
+    model(**batch).loss.backward()  # a second micro-batch of the same optimizer step: the same columns
+    assert torch.equal((layer.dps_delta["default"].grad == 0).all(0), dead_columns)
+    model.base_model.update_and_allocate(0)  # counted once per optimizer step
     assert layer.states["default"].column_counts.sum() == layer.in_features - dead_columns.sum()
 
 
@@ -157,9 +146,10 @@ def test_trainer_callback_gives_the_total_steps_and_drives_the_stages(tmp_path):
 def test_plain_loop_without_total_step_is_a_clear_error():
     model, _ = dps(total_step=None)
     model.train()
-    model(**make_batch("bert")).loss.backward()
     with pytest.raises(ValueError, match="DPS needs the run's length"):
-        model.base_model.update_and_allocate(0)
+        model(**make_batch("bert"))
+    model.eval()
+    model(**make_batch("bert"))  # evaluation needs no schedule
 
 
 def test_saved_adapter_holds_only_changed_entries(tmp_path):
@@ -179,18 +169,6 @@ def test_saved_adapter_holds_only_changed_entries(tmp_path):
     torch.testing.assert_close(logits(loaded, make_batch("bert")), logits(model, make_batch("bert")), rtol=0, atol=0)
 
 
-def test_several_adapters():
-    model, _ = dps()
-    batch = make_batch("bert")
-    run_steps(model, batch, 4)
-    first = logits(model, batch)
-    model.add_adapter("other", DPSConfig(task_type="SEQ_CLS", total_step=4))
-    model.set_adapter("other")
-    assert all(".other" in n for n in trainable_names(model))
-    model.set_adapter("default")
-    torch.testing.assert_close(logits(model, batch), first, rtol=0, atol=0)
-    model.delete_adapter("other")
-    torch.testing.assert_close(logits(model, batch), first, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kwargs, message", [

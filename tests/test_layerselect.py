@@ -42,24 +42,6 @@ def test_only_chosen_block_trains_and_outputs_start_unchanged(arch):
     assert all("modules_to_save" in n for n in others)
 
 
-def test_train_disable_merge_save_load(arch, tmp_path):
-    model, reference = layerselect(arch, layers=[0, 2])
-    batch = make_batch(arch)
-    train_steps(model, batch)
-    trained = logits(model, batch)
-    assert not torch.allclose(trained, logits(reference, batch))
-    with model.disable_adapter():
-        torch.testing.assert_close(logits(model, batch), logits(reference, batch), rtol=0, atol=0)
-    model.save_pretrained(tmp_path)
-    saved = load_file(tmp_path / "adapter_model.safetensors")
-    deltas = [k for k in saved if "layerselect_delta" in k]
-    assert all(f"{STACKS[arch]}.0." in k or f"{STACKS[arch]}.2." in k for k in deltas)
-    assert all("layerselect_delta" in k or "classifier" in k for k in saved)
-    loaded = PeftModel.from_pretrained(make_model(arch), tmp_path)
-    torch.testing.assert_close(logits(loaded, batch), trained, rtol=0, atol=0)
-    merged = model.merge_and_unload()
-    assert not any(isinstance(m, LayerSelectLayer) for m in merged.modules())
-    torch.testing.assert_close(logits(merged, batch), trained, rtol=1e-5, atol=1e-5)
 
 
 def test_gradient_selection_needs_calibration_then_trains_the_measured_blocks(arch):
@@ -106,20 +88,6 @@ def test_target_modules_restrict_within_blocks_and_layers_pattern():
     assert wrapped == ["base_model.model.bert.encoder.layer.2.attention.self.query"]
 
 
-def test_several_adapters():
-    model, _ = layerselect("gpt2", layers=[0])
-    batch = make_batch("gpt2")
-    train_steps(model, batch)
-    first = logits(model, batch)
-    model.add_adapter("other", LayerSelectConfig(task_type="CAUSAL_LM", layers=[0, 1]))
-    model.set_adapter("other")
-    assert all(".other." in n for n in trainable_names(model))
-    train_steps(model, batch)
-    assert not torch.allclose(logits(model, batch), first)
-    model.set_adapter("default")
-    torch.testing.assert_close(logits(model, batch), first, rtol=0, atol=0)
-    model.delete_adapter("other")
-    torch.testing.assert_close(logits(model, batch), first, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(

@@ -34,30 +34,19 @@ MODES = {
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_defaults_wrap_every_block_linear_and_round_trip(arch, mode, tmp_path):
+def test_defaults_wrap_every_block_linear(arch, mode):
+    """The lifecycle (init, train, save/load, merge, disable) is test_common.py's; here: what is wrapped, and that
+    training never writes into the frozen weights."""
     model, reference = sparsemask(arch, **MODES[mode])
     batch = make_batch(arch)
     wrapped = layers(model)
     assert len(wrapped) == {"bert": 6, "gpt2": 4, "llama": 7}[arch] * 3
-    init = logits(model, batch)
     if mode == "mask":  # the initial mask prunes the lowest-magnitude entries
-        assert (init - logits(reference, batch)).abs().max() > 0
-    else:
-        torch.testing.assert_close(init, logits(reference, batch), rtol=0, atol=0)
+        assert (logits(model, batch) - logits(reference, batch)).abs().max() > 0
     base_weights = {n: dense_weight(m.get_base_layer()).clone() for n, m in wrapped}
     train_steps(model, batch, lr=5e-2)
-    trained = logits(model, batch)
-    assert torch.isfinite(trained).all() and not torch.allclose(trained, init)
-    for n, m in wrapped:  # training never writes into the frozen weights
+    for n, m in wrapped:
         assert torch.equal(dense_weight(m.get_base_layer()), base_weights[n])
-    with model.disable_adapter():
-        torch.testing.assert_close(logits(model, batch), logits(reference, batch), rtol=0, atol=0)
-    model.save_pretrained(tmp_path)
-    loaded = PeftModel.from_pretrained(make_model(arch), tmp_path)
-    torch.testing.assert_close(logits(loaded, batch), trained, rtol=0, atol=0)
-    merged = model.merge_and_unload()
-    assert not layers(merged)
-    torch.testing.assert_close(logits(merged, batch), trained, rtol=1e-4, atol=1e-4)
 
 
 def test_delta_trains_only_values_with_memory_in_proportion(arch):
@@ -223,22 +212,6 @@ def test_checkpoint_support_sizes_differing_from_the_config_load(tmp_path):
     torch.testing.assert_close(logits(loaded, batch), logits(model, batch), rtol=0, atol=0)
 
 
-def test_several_adapters_and_delete():
-    model, _ = sparsemask("bert", density=0.05)
-    batch = make_batch("bert")
-    train_steps(model, batch)
-    first = logits(model, batch)
-    model.add_adapter("pruned", SparseMaskConfig(task_type="SEQ_CLS", mode="mask", sparsity=0.1))
-    model.set_adapter("pruned")
-    assert all(".pruned." in n for n in trainable_names(model))
-    train_steps(model, batch)
-    second = logits(model, batch)
-    assert not torch.allclose(first, second)
-    model.set_adapter("default")
-    torch.testing.assert_close(logits(model, batch), first, rtol=0, atol=0)
-    model.delete_adapter("pruned")
-    assert not any(".pruned." in n for n, _ in model.named_parameters())
-    torch.testing.assert_close(logits(model, batch), first, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(

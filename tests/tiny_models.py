@@ -20,10 +20,10 @@ import peft_sparse  # noqa: F401  (registers the tuners)
 VOCAB = 64
 
 
-def tiny_bert(num_layers: int = 3) -> torch.nn.Module:
+def tiny_bert(num_layers: int = 3, num_labels: int = 2) -> torch.nn.Module:
     cfg = BertConfig(
         vocab_size=VOCAB, hidden_size=16, num_hidden_layers=num_layers, num_attention_heads=2,
-        intermediate_size=24, max_position_embeddings=32, num_labels=2,
+        intermediate_size=24, max_position_embeddings=32, num_labels=num_labels,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )
     return BertForSequenceClassification(cfg)

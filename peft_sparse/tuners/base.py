@@ -1,19 +1,32 @@
-"""Behaviour every peft_sparse tuner shares: atomic target validation, wrapping, checked loading, calibration.
+"""Behaviour every peft_sparse tuner shares, written once.
 
-``SparseTunerModel`` sits between PEFT's ``BaseTuner`` and each method's tuner model. It adds what a demanding
-PEFT user expects but PEFT leaves to each method:
+``SparseTunerLayer`` (a PEFT ``BaseTunerLayer``): the disabled / merged forward; ``get_delta_weight`` and the one
+merge routine (read the base parameter, dequantizing a quantized weight, add, write back, re-quantizing);
+the dtype adapters train in; and the hooks through which each layer writes and reads its own checkpoint entries
+and takes part in calibration.
 
+``SparseTunerModel`` (a PEFT ``BaseTuner``) adds what a demanding PEFT user expects and PEFT leaves to each
+method:
+
+* the tuner works on its own copy of the config, so the user's config object is never changed;
+* ``target_modules="all-linear"`` through PEFT's own expansion, default targets per architecture, and
+  ``layers_to_transform`` checked against the model (every listed block must exist);
 * every check runs before the first module is replaced, so bad input leaves the model as it was;
-* an adapter checkpoint is compared key by key and shape by shape with the model before anything is loaded,
-  and a mismatch removes the half-loaded adapter again and raises a ``ValueError`` naming the problem;
-* the calibration protocol (``peft_sparse.calibrate``) and the guard that refuses to train an adapter
-  whose selection has not been measured yet.
+* checkpoints are written and read by the layers themselves (compact formats); a checkpoint is compared key by
+  key and shape by shape with the model before anything is loaded, and any failed load (a wrong checkpoint, a
+  truncated file) leaves the model as it was, trainability included;
+* the calibration protocol (``peft_sparse.calibrate``), which all-reduces its measurements across processes,
+  and the guard that refuses to train an adapter whose selection has not been measured yet;
+* ``set_total_steps`` / ``update_and_allocate`` on every tuner (no-ops where nothing is scheduled), so that a
+  training loop written for one peft_sparse method runs with any other.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import re
+import sys
 import warnings
 from typing import Any, Optional
 
@@ -26,13 +39,14 @@ from peft.tuners.tuners_utils import (
     _maybe_include_all_linear_layers,
     check_adapters_to_merge,
 )
-from peft.utils import INCLUDE_LINEAR_LAYERS_SHORTHAND
-from peft.utils import AuxiliaryTrainingWrapper, _get_submodules
+from peft.utils import INCLUDE_LINEAR_LAYERS_SHORTHAND, AuxiliaryTrainingWrapper, _get_submodules
 from peft.utils.constants import DUMMY_TARGET_MODULES
+from peft.utils.integrations import _skip_init_on_device
 from peft.utils.quantization_utils import resolve_quantization_backend
 from torch import nn
 
-from peft_sparse.modules import find_layer_stack, head_module_names, is_linear, is_under
+from peft_sparse import storage
+from peft_sparse.modules import block_index, dense_weight, find_layer_stack, head_module_names, is_linear, is_under
 
 
 class CalibrationRequiredError(RuntimeError):
@@ -40,17 +54,23 @@ class CalibrationRequiredError(RuntimeError):
 
 
 class CalibrationSession:
-    """One calibration run of one tuner: ``step()`` after each backward, ``finish()`` once, ``close()`` always.
+    """One calibration run of one tuner: ``step()`` after each backward, then ``finish()`` once, ``close()`` always.
 
-    Subclasses accumulate what they measure in ``step`` and turn it into a selection in ``finish``. ``close``
-    must undo any temporary change (``requires_grad`` flags, hooks) whether or not ``finish`` ran.
+    Subclasses accumulate what they measure in ``step`` (or in the layers, during the backward) and turn it into
+    a selection in ``finish``. Under several processes, ``calibrate`` sums ``measurements()`` over the ranks
+    (in place) before ``finish``, so every rank selects from the same numbers. ``close`` undoes any temporary
+    change (``requires_grad`` flags, probes) whether or not ``finish`` ran.
     """
 
     #: Set to True by a session that has seen enough batches (priming's fixed number of steps).
     done: bool = False
 
-    def step(self) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
+    def step(self) -> None:
+        """After each backward pass."""
+
+    def measurements(self) -> list[torch.Tensor]:
+        """The tensors whose sum over all processes the selection is made from (summed in place)."""
+        return []
 
     def finish(self) -> None:  # pragma: no cover - interface
         raise NotImplementedError
@@ -59,12 +79,29 @@ class CalibrationSession:
         pass
 
 
-class SparseTunerLayer(nn.Module, BaseTunerLayer):
-    """What every peft_sparse tuner layer shares: setup, the disabled / merged forward, merge and unmerge.
+def find_tuner(model: nn.Module) -> Optional[BaseTuner]:
+    """The PEFT tuner model (``BaseTuner``) inside ``model``: a ``PeftModel``, the tuner itself, or either wrapped
+    by DDP, FSDP, DeepSpeed or ``torch.compile`` (unwrapped with Accelerate's ``extract_model_from_parallel``)."""
+    from accelerate.utils import extract_model_from_parallel
 
-    A subclass implements ``adapted_forward`` (the forward with its active adapters) and
-    ``_add_to_base(adapter, sign)`` (add, or with ``sign=-1`` subtract, the adapter's change to the base
-    layer); ``merge``, ``unmerge`` and ``safe_merge``'s check come from here.
+    model = extract_model_from_parallel(model, keep_torch_compile=False)
+    if isinstance(model, BaseTuner):
+        return model
+    tuner = getattr(model, "base_model", None)
+    return tuner if isinstance(tuner, BaseTuner) else None
+
+
+# ----------------------------------------------------------------------------------------------------- layers
+
+
+class SparseTunerLayer(nn.Module, BaseTunerLayer):
+    """What every peft_sparse tuner layer shares.
+
+    A subclass implements ``adapted_forward`` (the forward with its active adapters) and ``get_delta_weight``
+    (PEFT's convention: the adapter's dense increment of the weight, ``(out, in)``, or None); layers that change
+    other parameters override ``delta_parameters``. Merge and unmerge come from here, through one routine
+    (``_add_to_base_parameter``). Layers with a compact checkpoint format override ``write_checkpoint`` /
+    ``read_checkpoint``.
     """
 
     def _init_tuner_layer(self, base_layer: nn.Module, adapter_name: str) -> None:
@@ -74,7 +111,12 @@ class SparseTunerLayer(nn.Module, BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._active_adapter = adapter_name
+        self._created_bias_for: list[str] = []  # adapters whose merge created the base bias (it had none)
+        # Quantized weights as they were before each merge (adapter, parameter, bitsandbytes 8-bit state): unmerge
+        # puts them back exactly.
+        self._weights_before_merge: list[tuple[str, nn.Parameter, Any]] = []
 
+    # ------------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
             if self.merged:
@@ -87,12 +129,27 @@ class SparseTunerLayer(nn.Module, BaseTunerLayer):
     def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         raise NotImplementedError
 
+    @property
+    def is_quantized(self) -> bool:
+        """Whether the base layer's weight is quantized (PEFT's quantization backend: bitsandbytes, HQQ...)."""
+        return self.quantization_backend is not None
+
+    def adapter_dtype(self) -> torch.dtype:
+        """The dtype adapters train in: fp32 on quantized bases (their own dtype is not a float one), otherwise the
+        base weight's dtype (so bf16 bases train bf16 values; use autocast with an fp32 base for fp32 values)."""
+        if self.is_quantized:
+            return torch.float32
+        weight = getattr(self.get_base_layer(), "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dtype.is_floating_point:
+            return weight.dtype
+        return torch.float32
+
     def base_runs_own_forward(self) -> bool:
         """Whether the base layer must run its own forward: quantized, or hooked (Accelerate offloading,
         user hooks), so that a weight increment is added as ``base(x) + x @ ΔWᵀ`` instead of folded in."""
         base = self.get_base_layer()
         hooked = bool(base._forward_hooks or base._forward_pre_hooks) or hasattr(base, "_hf_hook")
-        return self.quantization_backend is not None or hooked
+        return self.is_quantized or hooked
 
     def has_adapter(self, adapter_name: str) -> bool:
         return adapter_name in getattr(self, self.adapter_layer_names[0])
@@ -106,8 +163,20 @@ class SparseTunerLayer(nn.Module, BaseTunerLayer):
                 tensors += list(item.parameters()) if isinstance(item, nn.Module) else [item]
         return tensors
 
+    # -------------------------------------------------------------------------------------------- deltas
+    def get_delta_weight(self, adapter_name: str) -> Optional[torch.Tensor]:
+        """The adapter's increment of the base weight as a dense ``(out, in)`` tensor (None: it changes none)."""
+        raise NotImplementedError
+
+    def delta_parameters(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """``{base parameter name: increment}`` of the adapter (the weight as ``(out, in)``), no gradient."""
+        delta = self.get_delta_weight(adapter_name)
+        return {} if delta is None else {"weight": delta.detach()}
+
+    # ------------------------------------------------------------------------------------------- merging
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Fold the adapters' changes into the base layer (re-quantizing a quantized weight)."""
+        """Fold the adapters' changes into the base layer (re-quantizing a quantized weight: the merged layer then
+        differs from the unmerged one by the quantization error)."""
         for adapter in check_adapters_to_merge(self, adapter_names):
             if not self.has_adapter(adapter):
                 continue
@@ -128,32 +197,102 @@ class SparseTunerLayer(nn.Module, BaseTunerLayer):
                     self._add_to_base(adapter, -1.0)
 
     def _add_to_base(self, adapter_name: str, sign: float) -> None:
-        raise NotImplementedError
+        for name, delta in self.delta_parameters(adapter_name).items():
+            self._add_to_base_parameter(adapter_name, name, delta, sign)
 
+    def _add_to_base_parameter(self, adapter_name: str, name: str, delta: torch.Tensor, sign: float) -> None:
+        """Add ``sign · delta`` to the base layer's parameter ``name``: the one merge routine.
+
+        A quantized weight is dequantized by PEFT's backend, added to in fp32 and re-quantized (so the merged layer
+        differs from the unmerged one by the quantization error); unmerge restores the quantized weight from before
+        the merge exactly. A missing bias is created (and removed again by the unmerge of the adapter that created
+        it). Float weights are changed in place (an unmerge gives them back up to float rounding).
+        """
+        base = self.get_base_layer()
+        if name == "weight" and self.is_quantized:
+            if sign < 0 and self._weights_before_merge and self._weights_before_merge[-1][0] == adapter_name:
+                # Re-quantizing W + ΔW − ΔW would leave the quantization error twice; the packed weight from
+                # before the merge is kept (a quantized copy, cheap) and given back exactly.
+                _, base.weight, state = self._weights_before_merge.pop()
+                if state is not None:
+                    base.state = state  # bitsandbytes 8-bit keeps the weight's scales (CB, SCB) in its state
+                return
+            if sign > 0:
+                state = copy.copy(base.state) if hasattr(base, "state") else None
+                self._weights_before_merge.append((adapter_name, base.weight, state))
+            weight = self.get_base_weight()
+            self.set_base_weight((weight.float() + sign * delta.float()).to(weight.dtype))
+            return
+        if name == "bias" and base.bias is None:
+            if sign > 0:
+                base.bias = nn.Parameter(delta.clone().to(self.adapter_dtype()), requires_grad=False)
+                self._created_bias_for.append(adapter_name)
+            return
+        if name == "bias" and sign < 0 and adapter_name in self._created_bias_for:
+            self._created_bias_for.remove(adapter_name)
+            base.bias = None
+            return
+        param = dense_weight(base) if name == "weight" and is_linear(base) else getattr(base, name)
+        param.data += sign * delta.to(param.dtype)
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def write_checkpoint(
+        self, adapter_name: str, key: str, entries: dict[str, torch.Tensor], config: PeftConfig
+    ) -> None:
+        """Replace this layer's entries in ``entries`` (keys ``<key>.<attribute>.<adapter>...``, as PEFT collected
+        them) by its compact format. The default keeps PEFT's entries."""
+
+    def read_checkpoint(self, adapter_name: str, key: str, state_dict: dict[str, torch.Tensor]) -> None:
+        """Decode this layer's compact entries from ``state_dict`` (popping them), resize the adapter to fit, and
+        leave in ``state_dict`` what PEFT loads into the parameters. ``ValueError`` when they do not fit."""
+
+
+# ------------------------------------------------------------------------------------------------ tuner model
 
 
 class SparseTunerModel(BaseTuner):
     """Base class of peft_sparse's tuner models (a PEFT ``BaseTuner``)."""
 
-    #: the tuner layer class; it must provide ``wrap(target, adapter_name, config)`` and ``update_layer``.
-    tuner_layer_cls: type[BaseTunerLayer]
+    #: the tuner layer class; it must provide ``update_layer``.
+    tuner_layer_cls: type[SparseTunerLayer]
     target_module_mapping: dict[str, list[str]] = {}
+    #: Whether ``target_modules="all-linear"`` means something for this tuner (Learners pick FFNs themselves).
+    accepts_all_linear: bool = True
+    #: Whether transformers' own ``model.load_adapter`` loads this tuner exactly (fixed-shape entries only).
+    transformers_loader_exact: bool = False
 
     def __init__(self, model: nn.Module, *args: Any, **kwargs: Any) -> None:
         self._calibrating = False
-        # The base model's trainability before PEFT froze it, so that a failed load can give it back as it was.
-        self._base_requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+        self._trainability_before: dict[str, list[tuple[torch.Tensor, bool]]] = {}
         super().__init__(model, *args, **kwargs)
 
-    #: Whether ``target_modules="all-linear"`` means something for this tuner (Learners pick FFNs themselves).
-    accepts_all_linear: bool = True
+    def tuner_layers(self) -> list[tuple[str, SparseTunerLayer]]:
+        """``(name, layer)`` of every layer of this tuner in the model."""
+        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, self.tuner_layer_cls)]
 
-    # ----------------------------------------------------------------------------------------------- injection
+    # ------------------------------------------------------------------------------------------- injection
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
-        # The tuner keeps its own copy of the config and resolves model-dependent defaults into it, so the
-        # user's config object is never changed: the same config can build adapters on different models.
+        _refuse_transformers_loader(type(self), self.peft_config[adapter_name])
+        # The tuner keeps its own copy of the config and resolves model-dependent defaults into it, so the user's
+        # config object is never changed: the same config can build adapters on several models.
+        source = getattr(self.peft_config[adapter_name], "_loaded_from", None)
         self.peft_config[adapter_name] = copy.deepcopy(self.peft_config[adapter_name])
-        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        if source is not None:
+            _check_readable_checkpoint(source)  # before any module is touched
+        # What a failed load restores: every parameter's trainability before this adapter existed.
+        trainability = [(p, p.requires_grad) for p in model.parameters()]
+        self._trainability_before[adapter_name] = trainability
+        existing = any(isinstance(m, BaseTunerLayer) for m in model.modules())
+        # Adapters are small next to the model and some derive their support from the base weights: they are
+        # always built with real tensors (PEFT's low_cpu_mem_usage would build them on the meta device).
+        kwargs["low_cpu_mem_usage"] = False
+        with _skip_init_on_device():
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        if existing:
+            # Adding an adapter keeps the trainability of everything already there. PEFT restores it too, but
+            # matches names with ".<adapter>.", so an adapter named "0" skips every parameter of block 0.
+            for param, requires_grad in trainability:
+                param.requires_grad_(requires_grad)
 
     def _resolve_config(self, model: nn.Module, config: PeftConfig) -> PeftConfig:
         """Fill in model-dependent defaults; return the config to inject with. The default target is every
@@ -166,7 +305,7 @@ class SparseTunerModel(BaseTuner):
         """Every linear layer inside the stack of transformer blocks, outside the task head: the default
         target of the tuners that train weight matrices."""
         try:
-            stack_name, _ = find_layer_stack(model)
+            stack_name, _ = find_layer_stack(model, _pattern(config))
         except ValueError as error:
             raise ValueError(f"{error}; give {type(config).__name__}(target_modules=[...]) for this model") from None
         head = head_module_names(model, config.modules_to_save)
@@ -182,7 +321,7 @@ class SparseTunerModel(BaseTuner):
 
     def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> PeftConfig:
         # Called by PEFT's inject_adapter before any module is touched, for the first adapter and for every
-        # adapter added later, so all validation lives here.
+        # adapter added later, so all validation lives here. ``peft_config`` is the tuner's own copy.
         targets = peft_config.target_modules
         if isinstance(targets, str) and targets.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND:
             if not self.accepts_all_linear:
@@ -194,9 +333,45 @@ class SparseTunerModel(BaseTuner):
             # classification head, recorded as explicit names so that a saved adapter reloads onto the same ones.
             _maybe_include_all_linear_layers(peft_config, self.model)
             peft_config.target_modules = sorted(peft_config.target_modules)
+        self._check_layers_to_transform(self.model, peft_config)
         config = self._resolve_config(self.model, peft_config)
         if config.target_modules != DUMMY_TARGET_MODULES:
+            config = self._apply_layers_to_transform(self.model, config)
             self._validate_targets(self.model, config)
+        return config
+
+    def _check_layers_to_transform(self, model: nn.Module, config: PeftConfig) -> None:
+        """Every block index in ``layers_to_transform`` must exist (PEFT silently drops unknown ones)."""
+        layers = getattr(config, "layers_to_transform", None)
+        if layers is None:
+            return
+        stack_name, stack = find_layer_stack(model, _pattern(config))
+        wanted = [layers] if isinstance(layers, int) else list(layers)
+        missing = sorted(i for i in wanted if not 0 <= i < len(stack))
+        if missing:
+            raise ValueError(
+                f"layers_to_transform {missing} out of range: {stack_name} has {len(stack)} blocks (0..{len(stack) - 1})"
+            )
+
+    def _apply_layers_to_transform(self, model: nn.Module, config: PeftConfig) -> PeftConfig:
+        """Keep only the targets inside the listed blocks. PEFT applies ``layers_to_transform`` to suffixes and
+        regexes but not to full module names (it matches those directly), which is what defaults resolve to."""
+        layers = getattr(config, "layers_to_transform", None)
+        if layers is None or not isinstance(config.target_modules, (list, set, tuple)):
+            return config
+        stack_name, _ = find_layer_stack(model, _pattern(config))
+        wanted = {layers} if isinstance(layers, int) else set(layers)
+        names = dict(self._base_modules(model))
+        kept = []
+        for target in config.target_modules:
+            if target in names:  # a full name: PEFT would not filter it
+                if block_index(target, stack_name) in wanted:
+                    kept.append(target)
+            else:
+                kept.append(target)  # a suffix: PEFT filters it by block
+        if not kept:
+            raise ValueError(f"no target module lies in blocks {sorted(wanted)} of {stack_name}")
+        config.target_modules = kept
         return config
 
     @staticmethod
@@ -248,7 +423,11 @@ class SparseTunerModel(BaseTuner):
             raise ValueError(
                 f"{type(self).__name__} cannot wrap these target modules (name: type): {first}"
                 + (f" and {len(unsupported) - 5} more" if len(unsupported) > 5 else "")
+                + self._unsupported_hint(unsupported)
             )
+
+    def _unsupported_hint(self, unsupported: dict[str, str]) -> str:
+        return ""
 
     def _create_and_replace(
         self,
@@ -273,64 +452,84 @@ class SparseTunerModel(BaseTuner):
         """Extra constructor arguments of the tuner layer wrapping module ``key`` (e.g. its role)."""
         return {}
 
-    # ------------------------------------------------------------------------------------------------- loading
+    # ------------------------------------------------------------------------------------------ checkpoints
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """PEFT's entries of this adapter, with each tuner layer's own entries in its own (compact) format."""
+        result = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        for name, layer in model.named_modules():
+            if isinstance(layer, cls.tuner_layer_cls) and layer.has_adapter(adapter_name):
+                layer.write_checkpoint(adapter_name, name, result, config)
+        return result
+
     @classmethod
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: PeftConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         try:
-            remapped = cls._prepare_checkpoint(model, adapter_name, remapped)
+            remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+            remapped = cls._read_layer_checkpoints(model, adapter_name, remapped)
+            problems = cls._checkpoint_problems(model, adapter_name, remapped)
+            if problems:
+                shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+                raise ValueError(
+                    f"The {cls.prefix.rstrip('_')} adapter checkpoint does not fit this model ({shown}). It was "
+                    "saved from another architecture, head, layer selection or tuner configuration; the model was "
+                    "left as it was."
+                )
         except ValueError:
             _remove_adapter(model, adapter_name)
             raise
-        problems = cls._checkpoint_problems(model, adapter_name, remapped)
-        if problems:
-            _remove_adapter(model, adapter_name)
-            shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
-            raise ValueError(
-                f"The {cls.prefix.rstrip('_')} adapter checkpoint does not fit this model ({shown}). It was saved "
-                "from another architecture, layer selection or tuner configuration; the model was left as it was."
-            )
         return remapped
 
     @classmethod
-    def _prepare_checkpoint(
-        cls, model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        """Hook for tuners with a compact storage format: decode it, resize the adapter to fit, and return the
-        entries left for ``load_state_dict``. A ``ValueError`` here removes the half-loaded adapter."""
+    def _read_layer_checkpoints(cls, model, adapter_name, state_dict):
+        """Let every layer decode its own entries; entries no layer claimed mean another model's checkpoint."""
+        state_dict = dict(state_dict)
+        for name, layer in model.named_modules():
+            if isinstance(layer, cls.tuner_layer_cls) and layer.has_adapter(adapter_name):
+                try:
+                    layer.read_checkpoint(adapter_name, name, state_dict)
+                except (RuntimeError, ValueError, KeyError) as error:
+                    shape = getattr(layer, "shape", None)
+                    where = f"{name} {tuple(shape)}" if shape is not None else name
+                    raise ValueError(f"The {cls.prefix.rstrip('_')} checkpoint does not fit {where}: {error}") from None
+        leftovers = storage.leftover_keys(state_dict)
+        if leftovers:
+            raise ValueError(
+                f"The {cls.prefix.rstrip('_')} checkpoint has entries for modules this model lacks: {leftovers[:3]}"
+            )
         return state_dict
 
     @classmethod
     def _checkpoint_problems(
         cls, model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> list[str]:
-        """Keys of this adapter that the checkpoint lacks, has extra, or holds with another shape."""
+        """Keys of this adapter that the checkpoint lacks, has extra, or holds with another shape; and entries
+        of the rest of the checkpoint (the task head) whose shape differs from the model's."""
+        own = re.compile(rf"(^|\.){re.escape(cls.prefix)}[^.]*\.{re.escape(adapter_name)}(\.|$)")
         marker = re.compile(rf"(^|\.){re.escape(cls.prefix)}")
-        expected = {
-            k: v
-            for k, v in model.state_dict().items()
-            if marker.search(k) and (k.endswith(f".{adapter_name}") or f".{adapter_name}." in k)
-        }
+        model_state = model.state_dict()
+        expected = {k: v for k, v in model_state.items() if own.search(k)}
         problems = []
         for key, tensor in state_dict.items():
-            if not marker.search(key):
-                continue
-            if key not in expected:
-                problems.append(f"unexpected key {key}")
-            elif tuple(tensor.shape) != tuple(expected[key].shape):
-                problems.append(f"{key} has shape {tuple(tensor.shape)}, the model {tuple(expected[key].shape)}")
+            if marker.search(key):
+                if key not in expected:
+                    problems.append(f"unexpected key {key}")
+                elif tuple(tensor.shape) != tuple(expected[key].shape):
+                    problems.append(f"{key} has shape {tuple(tensor.shape)}, the model {tuple(expected[key].shape)}")
+            elif key in model_state and tuple(tensor.shape) != tuple(model_state[key].shape):
+                problems.append(f"{key} has shape {tuple(tensor.shape)}, the model {tuple(model_state[key].shape)}")
         problems += [f"missing key {k}" for k in expected if k not in state_dict]
         return problems
 
-    # --------------------------------------------------------------------------------------------- calibration
+    # ------------------------------------------------------------------------------------------ calibration
     def needs_calibration(self, adapter_name: str) -> bool:
         """Whether ``adapter_name`` still waits for ``peft_sparse.calibrate`` to measure its selection."""
         return False
 
     def _begin_calibration(self, adapter_names: list[str]) -> CalibrationSession:
-        raise NotImplementedError(f"{type(self).__name__} has no calibration")
+        raise TypeError(f"{type(self).__name__} has nothing to calibrate")
 
     def forward(self, *args: Any, **kwargs: Any):
         if self.model.training and not self._calibrating:
@@ -342,16 +541,35 @@ class SparseTunerModel(BaseTuner):
                 )
         return super().forward(*args, **kwargs)
 
+    # ------------------------------------------------------------------------------------------- schedules
+    def set_total_steps(self, total_steps: int) -> None:
+        """The run's length in optimizer steps (``SparseTrainerCallback`` passes ``max_steps``); tuners with a
+        schedule (DPS) use it, the others ignore it."""
+
+    def update_and_allocate(self, global_step: int) -> None:
+        """Call after each ``optimizer.step()`` and before ``zero_grad`` (PEFT's AdaLoRA convention). A no-op for
+        tuners without a schedule, so one training loop serves every peft_sparse method."""
+
+
+def _pattern(config: PeftConfig) -> Optional[str]:
+    pattern = getattr(config, "layers_pattern", None)
+    if isinstance(pattern, (list, tuple)):
+        return pattern[0] if len(pattern) == 1 else None
+    return pattern or None
+
 
 def _remove_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Undo a half-loaded adapter: delete it, or restore the base modules if it was the only one."""
-    tuner = getattr(model, "base_model", model)
+    """Undo a half-loaded adapter: delete it, or restore the base modules if it was the only one, and give every
+    parameter back the trainability it had before the adapter was injected."""
+    tuner = model if isinstance(model, BaseTuner) else getattr(model, "base_model", model)
     if not isinstance(tuner, BaseTuner) or adapter_name not in tuner.peft_config:
         return
+    trainability = getattr(tuner, "_trainability_before", {}).pop(adapter_name, [])
     others = [name for name in tuner.peft_config if name != adapter_name]
     if others:
         if adapter_name in tuner.active_adapters:
-            tuner.set_adapter(others[0])
+            remaining = [a for a in tuner.active_adapters if a != adapter_name] or [others[0]]
+            tuner.set_adapter(remaining if len(remaining) > 1 else remaining[0])
         tuner.delete_adapter(adapter_name)
         getattr(model, "peft_config", {}).pop(adapter_name, None)
     else:
@@ -361,8 +579,42 @@ def _remove_adapter(model: nn.Module, adapter_name: str) -> None:
                 parent, _, child = _get_submodules(tuner.model, name)
                 setattr(parent, child, module.original_module)
         tuner._unload_and_optionally_merge(merge=False)
-        for param, requires_grad in getattr(tuner, "_base_requires_grad", []):
-            param.requires_grad_(requires_grad)
+    for param, requires_grad in trainability:
+        param.requires_grad_(requires_grad)
+
+
+def _check_readable_checkpoint(source: str) -> None:
+    """Read a local adapter checkpoint whole before its adapter is injected, so that a truncated or corrupt file
+    is an error that leaves the model as it was (PEFT reads the file only after injecting)."""
+    path = os.path.join(str(source), "adapter_model.safetensors")
+    if not os.path.isfile(path):
+        return  # a hub id, or a .bin checkpoint: PEFT reports those itself
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        load_file(path)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as error:
+        raise ValueError(f"Cannot read the adapter checkpoint {path} ({error}); the model was left as it was") from None
+
+
+def _refuse_transformers_loader(tuner_cls: type, config: PeftConfig) -> None:
+    """transformers' ``PreTrainedModel.load_adapter`` fills the injected parameters with its own loader, which
+    never calls the tuner's checkpoint decoding: for tuners whose entries are compact or resized by the checkpoint
+    (SparseMask, DPS, Learner) it would load zeros, no mask, or fail on sizes. Refuse it before anything changes."""
+    if tuner_cls.transformers_loader_exact:
+        return
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "load_adapter" and "transformers" in frame.f_code.co_filename.replace("\\", "/"):
+            name = type(config).__name__.removesuffix("Config")
+            raise ValueError(
+                f"transformers' `model.load_adapter` cannot load a {name} adapter exactly (its loader bypasses "
+                "PEFT's checkpoint hooks, which decode this adapter's compact entries). Load it with "
+                "`PeftModel.from_pretrained(model, path)`, or `peft_model.load_adapter(path, adapter_name)`; "
+                "the model was left as it was."
+            )
+        frame = frame.f_back
 
 
 def shallow_with(config: PeftConfig, **changes: Any) -> PeftConfig:

@@ -7,7 +7,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from peft_sparse.modules import is_linear, is_norm, is_quantized, out_features
+from peft_sparse.modules import is_linear, is_norm, out_features
 from peft_sparse.tuners.base import SparseTunerLayer
 
 from .config import BitFitConfig
@@ -29,18 +29,11 @@ class BitFitLayer(SparseTunerLayer):
         self._init_tuner_layer(base_layer, adapter_name)
         self.bitfit_bias = nn.ParameterDict({})
         self.out_features = out_features(base_layer)
-        # Adapters whose merge created the base bias (it had none); unmerging removes it again.
-        self._created_bias_for: list[str] = []
         self.update_layer(adapter_name, config)
 
     def update_layer(self, adapter_name: str, config: BitFitConfig, **kwargs: Any) -> None:
         base = self.get_base_layer()
-        if base.bias is not None:
-            dtype = base.bias.dtype
-        elif not is_quantized(base) and base.weight.dtype.is_floating_point:
-            dtype = base.weight.dtype
-        else:
-            dtype = torch.float32
+        dtype = base.bias.dtype if base.bias is not None else self.adapter_dtype()
         zeros = torch.zeros(self.out_features, dtype=dtype, device=base.weight.device)
         self.bitfit_bias[adapter_name] = nn.Parameter(zeros)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
@@ -56,18 +49,12 @@ class BitFitLayer(SparseTunerLayer):
         delta = self._active_delta()
         return result if delta is None else result + delta.to(result.dtype)
 
-    def _add_to_base(self, adapter_name: str, sign: float) -> None:
-        """Add the bias delta to the base bias, creating the bias where the layer has none."""
-        base = self.get_base_layer()
-        delta = self.bitfit_bias[adapter_name].detach()
-        if base.bias is None and sign > 0:
-            base.bias = nn.Parameter(delta.clone(), requires_grad=False)
-            self._created_bias_for.append(adapter_name)
-        elif sign < 0 and adapter_name in self._created_bias_for:
-            self._created_bias_for.remove(adapter_name)
-            base.bias = None
-        else:
-            base.bias.data += sign * delta.to(base.bias.dtype)
+    def get_delta_weight(self, adapter_name: str) -> None:
+        return None  # BitFit changes biases only
+
+    def delta_parameters(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The bias increment (merging creates the bias where the layer has none)."""
+        return {"bias": self.bitfit_bias[adapter_name].detach()}
 
     def __repr__(self) -> str:
         return "bitfit." + super().__repr__()

@@ -7,7 +7,7 @@ from typing import Literal, Optional, Union
 
 from peft.utils import PeftType
 
-from peft_sparse.tuners.config_checks import TargetedConfig, check_choice, check_fraction, check_save_dtype
+from peft_sparse.tuners.config_checks import TargetedConfig, check_choice, check_fraction, check_int, check_save_dtype
 
 VARIANTS = ("dense", "mix")
 MASKINGS = ("strict", "gradient-only")
@@ -63,8 +63,7 @@ class DPSConfig(TargetedConfig):
         check_choice("masking", self.masking, MASKINGS)
         check_fraction("keep_ratio", self.keep_ratio)
         check_fraction("update_ratio", self.update_ratio)
-        if self.total_step is not None and (not isinstance(self.total_step, int) or self.total_step < 1):
-            raise ValueError(f"`total_step` must be a positive integer, got {self.total_step!r}")
+        check_int("total_step", self.total_step, 1, allow_none=True)
         check_save_dtype(self.save_dtype)
         self._check_targets()
 

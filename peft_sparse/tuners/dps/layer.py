@@ -10,10 +10,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peft_sparse import sparse, storage
 from peft_sparse.modules import dense_weight, is_linear, linear_shape
 from peft_sparse.tuners.base import SparseTunerLayer
 
 from .config import DPSConfig
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """One adapter's DPS settings, copied from its config when the layer is built (layers never share or
+    change a config object)."""
+
+    variant: str
+    keep_ratio: float
+    masking: str
+
+    @classmethod
+    def of(cls, config: DPSConfig) -> "Schedule":
+        return cls(config.variant, config.keep_ratio, config.masking)
 
 
 @dataclass
@@ -23,15 +38,18 @@ class StageState:
     stage: int = 1  # 1 = stage I (all entries or sampled columns), 2 = stage II (the subnetwork)
     score: Optional[torch.Tensor] = None  # Σ g² over the current stage I (fp32, weight-sized)
     column_counts: Optional[torch.Tensor] = None  # mix: how often each input column was sampled this stage
+    columns: Optional[torch.Tensor] = None  # mix: this optimizer step's sampled columns (all its forwards)
     mask: Optional[torch.Tensor] = None  # stage II: True where entries are updated
     frozen_values: Optional[torch.Tensor] = None  # strict stage II: the values outside the mask
 
 
 class DPSLayer(SparseTunerLayer):
-    """``y = x @ (W + ΔW)ᵀ + b``; on quantized bases ``y = base(x) + x @ ΔWᵀ``.
+    """``y = x @ (W + ΔW)ᵀ + b``; on quantized or hooked bases ``y = base(x) + x @ ΔWᵀ``.
 
-    In stage II the increment enters the forward as ``where(mask, ΔW, ΔW.detach())``: the same values, but
-    the gradient reaches only the subnetwork, with no hook on the parameter.
+    In stage II the increment enters the forward as ``where(mask, ΔW, ΔW.detach())``: the same values, but the
+    gradient reaches only the subnetwork, with no hook on the parameter. In ``mix`` stage I the sampled input
+    columns are drawn once per optimizer step and reused by every forward of that step (gradient accumulation,
+    and the recomputation of gradient checkpointing), and counted once.
     """
 
     adapter_layer_names = ("dps_delta",)
@@ -43,7 +61,8 @@ class DPSLayer(SparseTunerLayer):
         self._init_tuner_layer(base_layer, adapter_name)
         self.dps_delta = nn.ParameterDict({})
         self.states: dict[str, StageState] = {}
-        self.configs: dict[str, DPSConfig] = {}
+        self.schedules: dict[str, Schedule] = {}
+        self.checkpoint_schedule = False  # set by DPSModel.save_schedule_state (Trainer checkpoints)
         self.out_features, self.in_features = linear_shape(base_layer)
         self.update_layer(adapter_name, config)
 
@@ -52,28 +71,24 @@ class DPSLayer(SparseTunerLayer):
         return (self.out_features, self.in_features)
 
     def update_layer(self, adapter_name: str, config: DPSConfig, **kwargs: Any) -> None:
-        base = self.get_base_layer()
-        dtype = torch.float32 if self.quantization_backend is not None else base.weight.dtype
-        self.dps_delta[adapter_name] = nn.Parameter(torch.zeros(self.shape, dtype=dtype, device=base.weight.device))
+        device = self.get_base_layer().weight.device
+        self.dps_delta[adapter_name] = nn.Parameter(torch.zeros(self.shape, dtype=self.adapter_dtype(), device=device))
         self.states[adapter_name] = StageState()
-        self.configs[adapter_name] = config
+        self.schedules[adapter_name] = Schedule.of(config)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     # ----------------------------------------------------------------------------------------- forward
     def _effective_delta(self, adapter: str) -> torch.Tensor:
         delta = self.dps_delta[adapter]
-        state, config = self.states[adapter], self.configs[adapter]
-        if not self.training or not delta.requires_grad:
+        state, schedule = self.states[adapter], self.schedules[adapter]
+        if not self.training or not delta.requires_grad or not torch.is_grad_enabled():
             return delta
         if state.stage == 2 and state.mask is not None:
             return torch.where(state.mask, delta, delta.detach())
-        if config.variant == "mix":  # Mixout over input columns: W0 + M ⊙ ΔW / keep
-            keep = config.keep_ratio
-            columns = torch.rand(self.in_features, device=delta.device) < keep
-            if state.column_counts is None:
-                state.column_counts = torch.zeros(self.in_features, device=delta.device)
-            state.column_counts += columns
-            return delta * (columns.to(delta.dtype) / keep)
+        if schedule.variant == "mix":  # Mixout over input columns: W0 + M ⊙ ΔW / keep
+            if state.columns is None:
+                state.columns = torch.rand(self.in_features, device=delta.device) < schedule.keep_ratio
+            return delta * (state.columns.to(delta.dtype) / schedule.keep_ratio)
         return delta
 
     def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -90,52 +105,100 @@ class DPSLayer(SparseTunerLayer):
         weight = dense_weight(base)
         return F.linear(x, weight + delta.to(weight.dtype), base.bias)
 
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        return self.dps_delta[adapter_name].detach()
+
     # ---------------------------------------------------------------------------------------- schedule
+    def has_gradient(self, adapter: str) -> bool:
+        return self.dps_delta[adapter].grad is not None and bool(self.dps_delta[adapter].grad.any())
+
     @torch.no_grad()
-    def after_optimizer_step(self, adapter: str, global_step: int) -> None:
+    def after_optimizer_step(self, adapter: str, global_step: int, stage_length: int) -> None:
         """Advance ``adapter``'s schedule after optimizer step ``global_step`` (0-based), gradients still set."""
         delta = self.dps_delta[adapter]
-        state, config = self.states[adapter], self.configs[adapter]
-        stage_length = config.stage_length()
-        if state.stage == 2 and config.masking == "strict" and state.mask is not None:
+        state, schedule = self.states[adapter], self.schedules[adapter]
+        if state.stage == 2 and schedule.masking == "strict" and state.mask is not None:
             delta.data[~state.mask] = state.frozen_values  # undo momentum / weight decay outside the subnetwork
-        if state.stage == 1 and delta.grad is not None:
-            if state.score is None:
-                state.score = torch.zeros(self.shape, dtype=torch.float32, device=delta.device)
-            state.score += delta.grad.float().square()
+        if state.stage == 1:
+            if delta.grad is not None:
+                if state.score is None:
+                    state.score = torch.zeros(self.shape, dtype=torch.float32, device=delta.device)
+                state.score += delta.grad.float().square()
+            if schedule.variant == "mix" and state.columns is not None:
+                if state.column_counts is None:
+                    state.column_counts = torch.zeros(self.in_features, device=delta.device)
+                state.column_counts += state.columns
+            state.columns = None  # the next step draws its own columns
         next_step = global_step + 2  # 1-based index of the next optimizer step
         next_stage = 1 if math.ceil(next_step / stage_length) % 2 == 1 else 2
         if next_stage == state.stage:
             return
         if next_stage == 2:
-            state.mask = self._subnetwork(state, config, stage_length, delta.device)
-            if config.masking == "strict":
+            state.mask = self._subnetwork(state, schedule, stage_length, delta.device)
+            if schedule.masking == "strict":
                 state.frozen_values = delta.data[~state.mask].clone()
         else:
-            state.mask = state.frozen_values = state.score = state.column_counts = None
+            state.mask = state.frozen_values = state.score = state.column_counts = state.columns = None
         state.stage = next_stage
 
-    def _subnetwork(self, state: StageState, config: DPSConfig, stage_length: int, device) -> torch.Tensor:
+    def _subnetwork(self, state: StageState, schedule: Schedule, stage_length: int, device) -> torch.Tensor:
         """The top ``keep_ratio`` entries of this weight by the stage-I score."""
         score = state.score if state.score is not None else torch.zeros(self.shape, device=device)
-        if config.variant == "mix" and state.column_counts is not None:
+        if schedule.variant == "mix" and state.column_counts is not None:
             counts = state.column_counts.clamp_min(1)[None, :]
             score = score / counts
             if stage_length >= 50:  # the authors' frequency penalty
                 score = score * torch.exp(-state.column_counts[None, :] / stage_length)
-        keep = max(1, round(config.keep_ratio * score.numel()))
+        keep = max(1, round(schedule.keep_ratio * score.numel()))
         mask = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
         mask[torch.topk(score.flatten(), keep, sorted=False).indices] = True
         return mask.view(self.shape)
 
-    def _add_to_base(self, adapter_name: str, sign: float) -> None:
-        delta = self.dps_delta[adapter_name].detach()
-        if self.quantization_backend is not None:
-            weight = self.get_base_weight()  # dequantized by PEFT's backend, re-quantized on set
-            self.set_base_weight((weight.float() + sign * delta.float()).to(weight.dtype))
-        else:
-            weight = dense_weight(self.get_base_layer())
-            weight += sign * delta.to(weight.dtype)
+    # ---------------------------------------------------------------------------------------- checkpoints
+    def write_checkpoint(self, adapter_name, key, entries, config) -> None:
+        """The increment by its changed entries (dense when that is smaller); with ``checkpoint_schedule`` (Trainer
+        checkpoints) also the stage, the stage-II mask as bits and the stage-I scores, for an exact resume."""
+        prefix = f"{key}.dps_delta.{adapter_name}"
+        entries.update(storage.delta_entries(prefix, entries.pop(prefix), config.save_dtype))
+        if not self.checkpoint_schedule:
+            return
+        state = self.states[adapter_name]
+        schedule_key = f"{key}.dps_schedule.{adapter_name}"
+        entries[f"{schedule_key}.stage"] = torch.tensor([state.stage], dtype=torch.int8)
+        if state.mask is not None:
+            entries[f"{schedule_key}.subnetwork"] = sparse.pack_bits(state.mask)
+        if state.score is not None:
+            entries[f"{schedule_key}.score"] = state.score.detach().cpu()
+        if state.column_counts is not None:
+            entries[f"{schedule_key}.columns"] = state.column_counts.detach().cpu()
+
+    def read_checkpoint(self, adapter_name, key, state_dict) -> None:
+        stored = f"{key}.dps_delta"
+        delta = storage.read_delta(state_dict, stored, self.shape)
+        state_dict[f"{key}.dps_delta.{adapter_name}"] = delta.to(self.dps_delta[adapter_name].dtype)
+        self.states[adapter_name] = self._read_schedule(state_dict, f"{key}.dps_schedule", delta)
+
+    def _read_schedule(self, state_dict, key: str, delta: torch.Tensor) -> StageState:
+        entries = {}
+        for kind in ("stage", "subnetwork", "score", "columns"):
+            for candidate in (f"{key}.{kind}", f"base_model.model.{key}.{kind}"):
+                if candidate in state_dict:
+                    entries[kind] = state_dict.pop(candidate)
+        device = self.dps_delta[next(iter(self.dps_delta))].device
+        if "stage" not in entries:
+            return StageState()
+        state = StageState(stage=int(entries["stage"][0]))
+        if "subnetwork" in entries:
+            state.mask = sparse.unpack_bits(entries["subnetwork"], self.shape[0] * self.shape[1]).view(self.shape)
+            state.mask = state.mask.to(device)
+            state.frozen_values = delta.to(device)[~state.mask].to(self.adapter_dtype())
+        if "score" in entries:
+            if tuple(entries["score"].shape) != self.shape:
+                raise ValueError(f"its saved DPS scores have shape {tuple(entries['score'].shape)}")
+            state.score = entries["score"].float().to(device)
+        if "columns" in entries:
+            state.column_counts = entries["columns"].float().to(device)
+        return state
 
     def __repr__(self) -> str:
         return "dps." + super().__repr__()

@@ -1,11 +1,12 @@
-"""DPS tuner model: the stage schedule and the compact checkpoint of the increments."""
+"""DPS tuner model: drives the stage schedule of its layers, once per optimizer step."""
 
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
+import torch
 
-from peft_sparse import storage
 from peft_sparse.tuners.base import SparseTunerModel
 
 from .layer import DPSLayer
@@ -18,52 +19,86 @@ class DPSModel(SparseTunerModel):
 
         >>> model = get_peft_model(model, DPSConfig(task_type="SEQ_CLS", keep_ratio=0.7))
         >>> Trainer(model=model, ..., callbacks=[peft_sparse.SparseTrainerCallback()]).train()
+
+    Under DDP the stage-I scores are read from ``.grad`` after the optimizer step, i.e. from the gradient that DDP
+    has already averaged over the ranks: every rank accumulates the same scores and picks the same subnetwork.
+    (``calibrate`` instead sums each rank's own squared gradients; the two estimators differ by design.)
     """
 
     prefix: str = "dps_"
     tuner_layer_cls = DPSLayer
 
-    def _layers(self) -> list[DPSLayer]:
-        return [m for m in self.model.modules() if isinstance(m, DPSLayer)]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._save_schedule_state = False
+        self._forwards_since_update = 0
+        self._warned: set[str] = set()
+        super().__init__(*args, **kwargs)
+
+    @property
+    def save_schedule_state(self) -> bool:
+        """Whether saved checkpoints carry each layer's stage state (stage, subnetwork, stage-I scores), so that a
+        run resumed from them continues exactly. ``SparseTrainerCallback`` turns it on for the Trainer's
+        checkpoints and off when training ends, so the final adapter stays compact; a plain loop that saves to
+        resume sets it itself."""
+        return self._save_schedule_state
+
+    @save_schedule_state.setter
+    def save_schedule_state(self, value: bool) -> None:
+        self._save_schedule_state = bool(value)
+        for _, layer in self.tuner_layers():
+            layer.checkpoint_schedule = self._save_schedule_state
 
     def set_total_steps(self, total_steps: int) -> None:
         """The run's length in optimizer steps (the Trainer callback calls this with ``max_steps``)."""
+        if not isinstance(total_steps, int) or isinstance(total_steps, bool) or total_steps < 1:
+            raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}")
         for name, config in self.peft_config.items():
             if config.total_step not in (None, total_steps):
                 warnings.warn(f"DPS adapter {name!r}: total_step={config.total_step} replaced by {total_steps}")
             config.total_step = total_steps
 
     def update_and_allocate(self, global_step: int) -> None:
-        """Call after each ``optimizer.step()`` (before ``zero_grad``): accumulates the stage-I scores, keeps
+        """Call after each ``optimizer.step()`` and before ``zero_grad``: accumulates the stage-I scores, keeps
         strict stage-II entries in place, and switches stages. ``global_step`` counts optimizer steps from 0."""
+        self._forwards_since_update = 0
         for adapter in self.active_adapters:
-            for layer in self._layers():
-                if adapter in layer.dps_delta:
-                    layer.after_optimizer_step(adapter, global_step)
+            layers = [layer for _, layer in self.tuner_layers() if adapter in layer.dps_delta]
+            if not layers or self.peft_config[adapter].inference_mode:
+                continue
+            stage_length = self.peft_config[adapter].stage_length()
+            in_stage_one = layers[0].states[adapter].stage == 1
+            if in_stage_one and not any(layer.has_gradient(adapter) for layer in layers):
+                self._warn_once(
+                    f"no-grad:{adapter}",
+                    f"DPS adapter {adapter!r}: update_and_allocate({global_step}) found no gradients, so this step "
+                    "adds nothing to the stage-I scores. Call it after optimizer.step() and before "
+                    "optimizer.zero_grad() (the Trainer callback does).",
+                )
+            for layer in layers:
+                layer.after_optimizer_step(adapter, global_step, stage_length)
 
-    @classmethod
-    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        """Save each increment by its changed entries (``storage.delta_entries``; dense when that is smaller)."""
-        result = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        for name, layer in model.named_modules():
-            if isinstance(layer, DPSLayer) and adapter_name in layer.dps_delta:
-                key = f"{name}.dps_delta.{adapter_name}"
-                result.update(storage.delta_entries(key, result.pop(key), config.save_dtype))
-        return result
+    def forward(self, *args: Any, **kwargs: Any):
+        training = self.model.training and torch.is_grad_enabled()
+        if training and any(not self.peft_config[a].inference_mode for a in self.active_adapters):
+            if any(self.peft_config[a].total_step is None for a in self.active_adapters):
+                raise ValueError(
+                    "DPS needs the run's length and a call after every optimizer step: train with the transformers "
+                    "Trainer and callbacks=[peft_sparse.SparseTrainerCallback()], or, in a plain loop, set "
+                    "DPSConfig(total_step=...) and call model.base_model.update_and_allocate(step) after each "
+                    "optimizer.step()"
+                )
+            self._forwards_since_update += 1
+            limit = max(64, 4 * min(self.peft_config[a].stage_length() for a in self.active_adapters))
+            if self._forwards_since_update > limit:
+                self._warn_once(
+                    "no-update",
+                    f"DPS has run {self._forwards_since_update} training forwards without update_and_allocate: it "
+                    "stays in stage I, i.e. plain dense training. Add peft_sparse.SparseTrainerCallback() to the "
+                    "Trainer, or call model.base_model.update_and_allocate(step) after each optimizer step.",
+                )
+        return super().forward(*args, **kwargs)
 
-    @classmethod
-    def _prepare_checkpoint(cls, model, adapter_name, state_dict):
-        state_dict = dict(state_dict)
-        for name, layer in model.named_modules():
-            if isinstance(layer, DPSLayer) and adapter_name in layer.dps_delta:
-                key = f"{name}.dps_delta.{adapter_name}"
-                stored = cls._remove_adapter_name_from_key(key, adapter_name)
-                try:
-                    delta = storage.read_delta(state_dict, stored, layer.shape)
-                except ValueError as error:
-                    raise ValueError(f"The DPS checkpoint does not fit {name} {layer.shape}: {error}") from None
-                state_dict[key] = delta.to(layer.dps_delta[adapter_name].dtype)
-        leftovers = storage.leftover_keys(state_dict)
-        if leftovers:
-            raise ValueError(f"The DPS checkpoint has entries for modules this model lacks: {leftovers[:3]}")
-        return state_dict
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message)

@@ -5,16 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
-from peft.config import PeftConfig
 from peft.utils import PeftType
 
-from peft_sparse.tuners.config_checks import check_choice, normalize_target_modules
+from peft_sparse.tuners.config_checks import SparseConfig, check_choice, check_int, normalize_target_modules
 
 SELECTIONS = ("gradient",)
 
 
 @dataclass
-class LayerSelectConfig(PeftConfig):
+class LayerSelectConfig(SparseConfig):
     """Train whole transformer blocks — chosen by index, or the ``num_layers`` most critical ones — and the head.
 
     Radiya-Dixit & Wang (2020) found that "it suffices to fine-tune only the most critical layers". Give the
@@ -69,7 +68,6 @@ class LayerSelectConfig(PeftConfig):
             if len(set(self.layers)) != len(self.layers):
                 raise ValueError(f"`layers` has duplicates: {self.layers!r}")
             self.layers = sorted(self.layers)
-        if self.num_layers is not None and (not isinstance(self.num_layers, int) or self.num_layers < 1):
-            raise ValueError(f"`num_layers` must be a positive integer, got {self.num_layers!r}")
+        check_int("num_layers", self.num_layers, 1, allow_none=True)
         check_choice("selection", self.selection, SELECTIONS)
         normalize_target_modules(self)

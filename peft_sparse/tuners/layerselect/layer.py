@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from peft_sparse.modules import has_own_parameters
+from transformers.pytorch_utils import Conv1D
+
+from peft_sparse.modules import has_own_parameters, is_linear
 from peft_sparse.tuners.base import SparseTunerLayer
 
 from .config import LayerSelectConfig
@@ -37,8 +39,8 @@ class LayerSelectLayer(SparseTunerLayer):
         base = self.get_base_layer()
         shapes = {}
         for name, param in base.named_parameters(recurse=False):
-            if self.quantization_backend is not None and name == "weight":
-                shapes[name] = (torch.Size((base.out_features, base.in_features)), torch.float32)
+            if self.is_quantized and name == "weight":
+                shapes[name] = (torch.Size((base.out_features, base.in_features)), self.adapter_dtype())
             elif param.dtype.is_floating_point:
                 shapes[name] = (param.shape, param.dtype)
         return shapes
@@ -66,7 +68,7 @@ class LayerSelectLayer(SparseTunerLayer):
         deltas = self._summed_deltas()
         if not deltas:
             return self.base_layer(x, *args, **kwargs)
-        if self.quantization_backend is not None:
+        if self.is_quantized:
             result = self.base_layer(x, *args, **kwargs)
             weight = deltas["weight"]
             return result + F.linear(x.to(weight.dtype), weight, deltas.get("bias")).to(result.dtype)
@@ -76,16 +78,18 @@ class LayerSelectLayer(SparseTunerLayer):
         }
         return functional_call(base, params, (x, *args), kwargs)
 
-    def _add_to_base(self, adapter_name: str, sign: float) -> None:
-        base = self.get_base_layer()
-        for name, delta in self.layerselect_delta[adapter_name].items():
-            delta = delta.detach()
-            if name == "weight" and self.quantization_backend is not None:
-                weight = self.get_base_weight()  # dequantized by PEFT's backend, re-quantized on set
-                self.set_base_weight((weight.float() + sign * delta.float()).to(weight.dtype))
-            else:
-                param = getattr(base, name)
-                param.data += sign * delta.to(param.dtype)
+    def get_delta_weight(self, adapter_name: str) -> Optional[torch.Tensor]:
+        delta = self.layerselect_delta[adapter_name].get("weight")
+        if delta is None or not is_linear(self.get_base_layer()):
+            return delta  # norms: their 1-D weight's increment
+        return delta.T if isinstance(self.get_base_layer(), Conv1D) and not self.is_quantized else delta
+
+    def delta_parameters(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """Every parameter's increment; a linear weight's as ``(out, in)``."""
+        deltas = {name: delta.detach() for name, delta in self.layerselect_delta[adapter_name].items()}
+        if "weight" in deltas:
+            deltas["weight"] = self.get_delta_weight(adapter_name).detach()
+        return deltas
 
     def __repr__(self) -> str:
         return "layerselect." + super().__repr__()

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from peft.config import PeftConfig
-from peft.tuners.tuners_utils import check_target_module_exists
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from peft.utils import _get_submodules
 from peft.utils.constants import DUMMY_TARGET_MODULES
 from torch import nn
@@ -27,6 +28,7 @@ class LayerSelectModel(SparseTunerModel):
 
     prefix: str = "layerselect_"
     tuner_layer_cls = LayerSelectLayer
+    transformers_loader_exact = True  # fixed-shape dense deltas: transformers' own loader fills them exactly
 
     def _supports(self, module: nn.Module) -> bool:
         return has_own_parameters(module)
@@ -40,6 +42,11 @@ class LayerSelectModel(SparseTunerModel):
         if config.num_layers is not None and config.num_layers > len(stack):
             raise ValueError(f"num_layers={config.num_layers} but {stack_name} has only {len(stack)} blocks")
         if config.layers is None:
+            if isinstance(config.target_modules, list):  # checked now: calibrate() injects later
+                in_stack = [k for k, _ in self._base_modules(model) if block_index(k, stack_name) is not None]
+                missing = [t for t in config.target_modules if not any(k == t or k.endswith("." + t) for k in in_stack)]
+                if missing:
+                    raise ValueError(f"target_modules {missing} match no module in the blocks of {stack_name}")
             return shallow_with(config, target_modules=DUMMY_TARGET_MODULES)  # injected by calibrate()
         out_of_range = [i for i in config.layers if i >= len(stack)]
         if out_of_range:
@@ -83,38 +90,55 @@ class LayerSelectModel(SparseTunerModel):
 
 
 class _BlockGradientSession(CalibrationSession):
-    """Scores every block by Σ‖∂L/∂θ‖² over its floating-point parameters, then injects the top ``num_layers``."""
+    """Scores every block by Σ‖∂L/∂θ‖² over its base parameters (never over adapter parameters, which would count
+    the same gradient twice), then injects the top ``num_layers`` blocks."""
 
     def __init__(self, tuner: LayerSelectModel, adapter_names: list[str]) -> None:
         self.tuner = tuner
         self.adapter_names = adapter_names
-        self.stack_name, stack = find_layer_stack(tuner.model, tuner.peft_config[adapter_names[0]].layers_pattern)
-        # Frozen base parameters are made to require grad for the calibration only (close() undoes it).
+        _, stack = find_layer_stack(tuner.model, tuner.peft_config[adapter_names[0]].layers_pattern)
+        adapter_tensors = {
+            id(t) for m in tuner.model.modules() if isinstance(m, BaseTunerLayer)
+            for name in m.adapter_layer_names for t in _tensors(getattr(m, name))
+        }
         self.block_params = [
-            [p for p in block.parameters() if p.dtype.is_floating_point and not p.requires_grad] for block in stack
+            [p for p in block.parameters() if p.dtype.is_floating_point and id(p) not in adapter_tensors]
+            for block in stack
         ]
-        for params in self.block_params:
-            for p in params:
-                p.requires_grad_(True)
-        self.scores = [0.0] * len(stack)
+        # Base parameters are made to require grad for the calibration only (close() gives the flags back).
+        self.flags = [(p, p.requires_grad) for params in self.block_params for p in params]
+        for p, _ in self.flags:
+            p.requires_grad_(True)
+        self.scores = torch.zeros(len(stack), dtype=torch.float64, device=next(tuner.model.parameters()).device)
 
     def step(self) -> None:
         for i, params in enumerate(self.block_params):
             for p in params:
                 if p.grad is not None:
-                    self.scores[i] += float(p.grad.detach().float().pow(2).sum())
+                    self.scores[i] += p.grad.detach().double().pow(2).sum()
                     p.grad = None
 
+    def measurements(self) -> list[torch.Tensor]:
+        return [self.scores]
+
     def finish(self) -> None:
+        scores = self.scores.tolist()
         for adapter in self.adapter_names:
             config = self.tuner.peft_config[adapter]
-            order = sorted(range(len(self.scores)), key=lambda i: self.scores[i], reverse=True)
+            order = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)
             config.layers = sorted(order[: config.num_layers])
-            config.layer_scores = list(self.scores)
+            config.layer_scores = list(scores)
             self.tuner._inject_calibrated(adapter)
 
     def close(self) -> None:
-        for params in self.block_params:
-            for p in params:
-                p.requires_grad_(False)
-                p.grad = None
+        for p, flag in self.flags:
+            p.requires_grad_(flag)
+            p.grad = None
+
+
+def _tensors(holder) -> list[torch.Tensor]:
+    if isinstance(holder, nn.Module):
+        return list(holder.parameters()) + list(holder.buffers())
+    if isinstance(holder, dict):
+        return [t for t in holder.values() if isinstance(t, torch.Tensor)]
+    return []

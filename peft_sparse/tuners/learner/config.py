@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from peft.config import PeftConfig
 from peft.utils import PeftType
 
-from peft_sparse.tuners.config_checks import check_fraction
+from peft_sparse.tuners.config_checks import SparseConfig, check_fraction, check_int, check_number
 
 #: Block-relative names of (up/gate projections, down projection) of the common FFNs, tried in order.
 FFN_LAYOUTS: tuple[tuple[tuple[str, ...], str], ...] = (
@@ -21,7 +20,7 @@ FFN_LAYOUTS: tuple[tuple[tuple[str, ...], str], ...] = (
 
 
 @dataclass
-class LearnerConfig(PeftConfig):
+class LearnerConfig(SparseConfig):
     """Learner modules: a fraction of each FFN's hidden nodes trains, the rest of the model stays frozen.
 
     What is implemented (the paper's body was not available; this is the project's reading of its abstract
@@ -63,9 +62,15 @@ class LearnerConfig(PeftConfig):
         super().__post_init__()
         self.peft_type = PeftType.LEARNER
         check_fraction("learner_ratio", self.learner_ratio)
-        if not isinstance(self.priming_steps, int) or self.priming_steps < 0:
-            raise ValueError(f"`priming_steps` must be a non-negative integer, got {self.priming_steps!r}")
-        if not self.priming_lr > 0:
-            raise ValueError(f"`priming_lr` must be positive, got {self.priming_lr!r}")
+        check_int("priming_steps", self.priming_steps, 0)
+        check_number("priming_lr", self.priming_lr, 0.0)
         if (self.up_modules is None) != (self.down_module is None):
             raise ValueError("Give both `up_modules` and `down_module`, or neither")
+        if self.up_modules is not None:
+            if isinstance(self.up_modules, str) or not self.up_modules or any(
+                not isinstance(m, str) or not m for m in self.up_modules
+            ):
+                raise ValueError(f"`up_modules` must be a non-empty list of module names, got {self.up_modules!r}")
+            if not isinstance(self.down_module, str) or not self.down_module:
+                raise ValueError(f"`down_module` must be a module name, got {self.down_module!r}")
+            self.up_modules = list(self.up_modules)

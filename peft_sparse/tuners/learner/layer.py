@@ -53,7 +53,7 @@ class LearnerLayer(SparseTunerLayer):
         increments are kept (after priming), otherwise they start at zero."""
         base = self.get_base_layer()
         device = base.weight.device
-        dtype = torch.float32 if self.quantization_backend is not None else base.weight.dtype
+        dtype = self.adapter_dtype()
         nodes = nodes.to(device=device, dtype=torch.int64)
         weight = torch.zeros((len(nodes), self.in_features) if self.role == "up" else (self.out_features, len(nodes)),
                              dtype=dtype, device=device)
@@ -86,26 +86,35 @@ class LearnerLayer(SparseTunerLayer):
                 result = result + F.linear(hidden, weight).to(result.dtype)
         return result
 
-    # ------------------------------------------------------------------------------------------- merge
+    # ------------------------------------------------------------------------------------ deltas, merging
     def has_adapter(self, adapter_name: str) -> bool:
         return adapter_name in self.learner_nodes
 
-    def _add_to_base(self, adapter: str, sign: float) -> None:
-        base = self.get_base_layer()
-        nodes = self.learner_nodes[adapter]
-        increment = sign * self.learner_weight[adapter].detach()
-        if self.quantization_backend is not None:
-            weight = self.get_base_weight().float()
-        else:
-            weight = dense_weight(base)  # a view: changes land in the base weight
-        if self.role == "up":
-            weight.index_add_(0, nodes, increment.to(weight.dtype))
-        else:
-            weight.index_add_(1, nodes, increment.to(weight.dtype))
-        if self.quantization_backend is not None:
-            self.set_base_weight(weight.to(self.get_base_weight().dtype))
-        if adapter in self.learner_bias:
-            base.bias.data.index_add_(0, nodes, sign * self.learner_bias[adapter].detach().to(base.bias.dtype))
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The Learner's rows (up) or columns (down) placed in a dense ``(out, in)`` increment."""
+        nodes = self.learner_nodes[adapter_name]
+        weight = self.learner_weight[adapter_name].detach()
+        delta = torch.zeros(self.out_features, self.in_features, dtype=weight.dtype, device=weight.device)
+        return delta.index_copy(0 if self.role == "up" else 1, nodes, weight)
+
+    def delta_parameters(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        deltas = {"weight": self.get_delta_weight(adapter_name)}
+        if adapter_name in self.learner_bias:
+            bias = self.learner_bias[adapter_name].detach()
+            deltas["bias"] = torch.zeros(self.out_features, dtype=bias.dtype, device=bias.device).index_copy(
+                0, self.learner_nodes[adapter_name], bias
+            )
+        return deltas
+
+    # ---------------------------------------------------------------------------------------- checkpoints
+    def read_checkpoint(self, adapter_name, key, state_dict) -> None:
+        """Resize the Learner to its saved nodes, so that PEFT can load the values."""
+        nodes = state_dict.get(f"{key}.learner_nodes.{adapter_name}")
+        if nodes is None:
+            return  # reported as a missing key
+        if nodes.dim() != 1 or (nodes.numel() and (nodes.min() < 0 or nodes.max() >= self.num_nodes)):
+            raise ValueError(f"its saved nodes do not fit the FFN's {self.num_nodes} hidden nodes")
+        self.set_nodes(adapter_name, nodes)
 
     def __repr__(self) -> str:
         return f"learner[{self.role}]." + super().__repr__()

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from peft.config import PeftConfig
+from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
 from peft_sparse.modules import dense_weight, find_layer_stack, is_linear
@@ -94,28 +95,17 @@ class LearnerModel(SparseTunerModel):
     def _begin_calibration(self, adapter_names: list[str]) -> CalibrationSession:
         return _PrimingSession(self, adapter_names)
 
-    @classmethod
-    def _prepare_checkpoint(cls, model, adapter_name, state_dict):
-        """Resize each Learner to its saved nodes, so PEFT can load the values."""
-        for name, layer in model.named_modules():
-            if not isinstance(layer, LearnerLayer) or adapter_name not in layer.learner_nodes:
-                continue
-            nodes = state_dict.get(f"{name}.learner_nodes.{adapter_name}")
-            if nodes is None:
-                continue  # reported as a missing key
-            if nodes.numel() and (nodes.min() < 0 or nodes.max() >= layer.num_nodes):
-                raise ValueError(f"The Learner checkpoint's nodes for {name} exceed its {layer.num_nodes} nodes")
-            layer.set_nodes(adapter_name, nodes)
-        return state_dict
-
 
 def _weight(layer: LearnerLayer) -> torch.Tensor:
     base = layer.get_base_layer()
-    return layer.get_base_weight() if layer.quantization_backend is not None else dense_weight(base)
+    return layer.get_base_weight() if layer.is_quantized else dense_weight(base)
 
 
 class _PrimingSession(CalibrationSession):
-    """``priming_steps`` AdamW steps with every FFN node (and the head) trainable, then the Learner choice."""
+    """``priming_steps`` AdamW steps in which every FFN node of the pending adapters (and their own copy of the
+    task head) trains, then the Learner choice. Nothing else trains: other adapters stay as they are. Under
+    several processes the gradients are averaged over the ranks before each step (data-parallel priming), so
+    every rank primes the same values and chooses the same Learners."""
 
     def __init__(self, tuner: LearnerModel, adapter_names: list[str]) -> None:
         self.tuner = tuner
@@ -129,13 +119,38 @@ class _PrimingSession(CalibrationSession):
         tuner.set_adapter(tuner.active_adapters)  # the new full-size increments train
         config = tuner.peft_config[adapter_names[0]]
         self.limit = config.priming_steps
-        params = [p for p in tuner.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=config.priming_lr, weight_decay=0.0)
+        self.params = self._primed_parameters()
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.priming_lr, weight_decay=0.0)
         self.steps = 0
 
+    def _primed_parameters(self) -> list[torch.Tensor]:
+        params: list[torch.Tensor] = []
+        for module in self.tuner.model.modules():
+            if isinstance(module, LearnerLayer):
+                for adapter in self.adapter_names:
+                    if adapter in module.learner_nodes:
+                        params.append(module.learner_weight[adapter])
+                        if adapter in module.learner_bias:
+                            params.append(module.learner_bias[adapter])
+            elif isinstance(module, AuxiliaryTrainingWrapper):  # the adapter's copy of the task head
+                for adapter in self.adapter_names:
+                    copies = getattr(module, "modules_to_save", {})
+                    if adapter in copies:
+                        params += [p for p in copies[adapter].parameters() if p.requires_grad]
+        return params
+
     def step(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+                p.grad /= dist.get_world_size()
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        for p in self.params:
+            p.grad = None
         self.steps += 1
         self.done = self.steps >= self.limit
 

@@ -7,7 +7,15 @@ from typing import Literal, Optional, Union
 
 from peft.utils import PeftType
 
-from peft_sparse.tuners.config_checks import TargetedConfig, check_choice, check_fraction, check_save_dtype
+from peft_sparse.tuners.config_checks import (
+    TargetedConfig,
+    check_choice,
+    check_fraction,
+    check_ignored,
+    check_int,
+    check_number,
+    check_save_dtype,
+)
 
 MODES = ("delta", "mask")
 SELECTIONS = ("magnitude", "random", "gradient")
@@ -70,13 +78,20 @@ class SparseMaskConfig(TargetedConfig):
         check_fraction("density", self.density)
         check_fraction("sparsity", self.sparsity)
         check_choice("selection", self.selection, SELECTIONS)
-        if self.mode == "mask" and self.selection != "magnitude":
-            raise ValueError("mode='mask' learns its own selection; `selection` applies to mode='delta' only")
-        if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size < 1:
-            raise ValueError(f"`block_size` must be a positive integer, got {self.block_size!r}")
-        if self.mode == "mask" and self.block_size != 1:
-            raise ValueError("mode='mask' prunes single entries; `block_size` applies to mode='delta' only")
-        if self.mask_candidates is not None and not self.mask_candidates >= 1:
-            raise ValueError(f"`mask_candidates` must be ≥ 1 (or None for all entries), got {self.mask_candidates!r}")
+        check_int("block_size", self.block_size, 1)
+        check_int("seed", self.seed, 0)
+        check_number("mask_candidates", self.mask_candidates, 1, strict=False, allow_none=True)
+        if self.mode == "mask":
+            if self.selection != "magnitude":
+                raise ValueError("mode='mask' learns its own selection; `selection` applies to mode='delta' only")
+            if self.block_size != 1:
+                raise ValueError("mode='mask' prunes single entries; `block_size` applies to mode='delta' only")
+            check_ignored("density", self.density, 0.01, "mode='delta' (mode='mask' takes `sparsity`)")
+            check_ignored("seed", self.seed, 0, "selection='random'")
+        else:
+            check_ignored("sparsity", self.sparsity, 0.1, "mode='mask' (mode='delta' takes `density`)")
+            check_ignored("mask_candidates", self.mask_candidates, 2.0, "mode='mask'")
+            if self.selection != "random":
+                check_ignored("seed", self.seed, 0, "selection='random'")
         check_save_dtype(self.save_dtype)
         self._check_targets()

@@ -10,7 +10,7 @@ import torch
 from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
-from peft_sparse import sparse
+from peft_sparse import sparse, storage
 from peft_sparse.modules import dense_weight, is_linear, linear_shape
 from peft_sparse.tuners.base import SparseTunerLayer
 
@@ -23,12 +23,20 @@ def support_budget(fraction: float, shape: tuple[int, int], block_size: int) -> 
     return min(total, max(1, round(fraction * total)))
 
 
-class SparseMaskLayer(SparseTunerLayer):
-    """``y = x @ (W + ΔW)ᵀ + b`` with ΔW sparse; on quantized bases ``y = base(x) + x @ ΔWᵀ``.
+def trained_fraction(fraction: float, shape: tuple[int, int], block_size: int) -> float:
+    """The fraction of the weight that ``support_budget`` blocks cover at most (edge blocks are smaller)."""
+    covered = support_budget(fraction, shape, block_size) * min(block_size, shape[0]) * min(block_size, shape[1])
+    return min(1.0, covered / (shape[0] * shape[1]))
 
-    ``sparsemask_delta[adapter]`` holds the support and its trainable values: the increment itself in
-    delta mode, the keep-scores of the candidate entries in mask mode (whose increment is ``−W`` on the
-    pruned candidates, see ``sparse.mask_delta_values``).
+
+class SparseMaskLayer(SparseTunerLayer):
+    """``y = x @ (W + ΔW)ᵀ + b`` with ΔW sparse; on quantized or hooked bases ``y = base(x) + x @ ΔWᵀ``.
+
+    ``sparsemask_delta[adapter]`` holds the support and its trainable values: the increment itself in delta
+    mode, the keep-scores of the candidate entries in mask mode (whose increment is ``−W`` on the pruned
+    candidates, see ``sparse.mask_delta_values``). The layer owns its state: its checkpoint entries
+    (``write_checkpoint`` / ``read_checkpoint``) and its gradient measurement for ``selection="gradient"``
+    (``start_fisher`` / ``finish_fisher``).
     """
 
     adapter_layer_names = ("sparsemask_delta",)
@@ -42,10 +50,11 @@ class SparseMaskLayer(SparseTunerLayer):
         self.sparsemask_delta = nn.ModuleDict({})
         self.sparsemask_base_values = BufferDict({}, persistent=False)  # mask mode: W at the candidates
         self.modes: dict[str, str] = {}
-        self.block_sizes: dict[str, int] = {}
         self.num_pruned: dict[str, int] = {}
+        self.budgets: dict[str, tuple[float, int]] = {}  # delta mode: (density, block size)
         self.pending: set[str] = set()  # adapters whose support waits for calibration
-        self.fisher: Optional[torch.Tensor] = None  # Σ g² of the weight, accumulated while calibrating
+        self.fisher: Optional[torch.Tensor] = None  # Σ (∂L/∂W)², accumulated while calibrating
+        self._probe_anchor: Optional[torch.Tensor] = None
         self.out_features, self.in_features = linear_shape(base_layer)
         self.update_layer(adapter_name, config, **kwargs)
 
@@ -56,19 +65,17 @@ class SparseMaskLayer(SparseTunerLayer):
 
     def base_weight(self) -> torch.Tensor:
         """The base weight as a dense ``(out, in)`` tensor (dequantized for quantized layers)."""
-        if self.quantization_backend is not None:
+        if self.is_quantized:
             return self.get_base_weight().float()
         return dense_weight(self.get_base_layer())
 
-    def _values_dtype(self) -> torch.dtype:
-        base = self.get_base_layer()
-        return torch.float32 if self.quantization_backend is not None else base.weight.dtype
-
     def update_layer(self, adapter_name: str, config: SparseMaskConfig, current_key: str = "", **kwargs) -> None:
         device = self.get_base_layer().weight.device
+        self.modes[adapter_name] = config.mode
         with torch.no_grad():
             weight = self.base_weight()
             if config.mode == "delta":
+                self.budgets[adapter_name] = (config.density, config.block_size)
                 count = support_budget(config.density, self.shape, config.block_size)
                 if config.selection == "magnitude":
                     support = sparse.top_support(weight.abs(), count, config.block_size)
@@ -81,20 +88,18 @@ class SparseMaskLayer(SparseTunerLayer):
                     support = torch.zeros(0, dtype=torch.int64)
                     self.pending.add(adapter_name)
                 self.sparsemask_delta[adapter_name] = sparse.SparseDelta(
-                    self.shape, support, self._values_dtype(), device=device, block_size=config.block_size
+                    self.shape, support, self.adapter_dtype(), device=device, block_size=config.block_size
                 )
             else:
-                self._install_mask(adapter_name, weight, config)
-        self.modes[adapter_name] = config.mode
-        self.block_sizes[adapter_name] = config.block_size
+                numel = weight.numel()
+                num_pruned = min(numel, max(1, round(config.sparsity * numel)))
+                if config.mask_candidates is None:
+                    count = numel
+                else:
+                    count = min(numel, math.ceil(num_pruned * config.mask_candidates))
+                candidates = sparse.top_support(-weight.abs(), count)  # the lowest-magnitude entries
+                self.install_mask(adapter_name, candidates, num_pruned, weight=weight)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
-
-    def _install_mask(self, adapter_name: str, weight: torch.Tensor, config: SparseMaskConfig) -> None:
-        numel = weight.numel()
-        num_pruned = min(numel, max(1, round(config.sparsity * numel)))
-        count = numel if config.mask_candidates is None else min(numel, math.ceil(num_pruned * config.mask_candidates))
-        candidates = sparse.top_support(-weight.abs(), count)  # the lowest-magnitude entries
-        self.install_mask(adapter_name, candidates, num_pruned, weight=weight)
 
     def install_mask(
         self, adapter_name: str, candidates: torch.Tensor, num_pruned: int, weight: Optional[torch.Tensor] = None
@@ -104,18 +109,13 @@ class SparseMaskLayer(SparseTunerLayer):
         device = self.get_base_layer().weight.device
         base_values = weight.detach().reshape(-1)[candidates.to(weight.device)].float()
         scores = base_values.abs() / base_values.abs().mean().clamp_min(1e-12)
+        requires_grad = adapter_name in self.active_adapters and not self.disable_adapters
         delta = sparse.SparseDelta(self.shape, candidates, torch.float32, device=device)
+        delta.values.requires_grad_(requires_grad)
         delta.set_support(candidates, values=scores)
         self.sparsemask_delta[adapter_name] = delta
         self.sparsemask_base_values[adapter_name] = base_values.to(device)
         self.num_pruned[adapter_name] = num_pruned
-
-    def install_gradient_support(self, adapter_name: str, fisher: torch.Tensor, config: SparseMaskConfig) -> None:
-        """Calibration result: the support is the entries (or blocks) with the largest Σ g²."""
-        count = support_budget(config.density, self.shape, config.block_size)
-        support = sparse.top_support(fisher, count, config.block_size)
-        self.sparsemask_delta[adapter_name].set_support(support)
-        self.pending.discard(adapter_name)
 
     # ----------------------------------------------------------------------------------------- compute
     def delta_values(self, adapter_name: str) -> torch.Tensor:
@@ -134,10 +134,15 @@ class SparseMaskLayer(SparseTunerLayer):
         return delta.indices[keep == 0]
 
     def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self._adapted(x, *args, **kwargs)
+        if self.fisher is not None:  # calibrating: measure the weight gradient in the backward
+            result = _FisherProbe.apply(result, x, self._probe_anchor, self)
+        return result
+
+    def _adapted(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         active = [a for a in self.active_adapters if a in self.sparsemask_delta and a not in self.pending]
         if not active:
-            result = self.base_layer(x, *args, **kwargs)
-            return self._probe(result, x) if self.fisher is not None else result
+            return self.base_layer(x, *args, **kwargs)
         if self.base_runs_own_forward():
             result = self.base_layer(x, *args, **kwargs)
             for adapter in active:
@@ -151,24 +156,80 @@ class SparseMaskLayer(SparseTunerLayer):
         result = sparse.sparse_delta_linear(x, self.delta_values(first), delta, dense_weight(base), base.bias)
         for adapter in others:
             delta = self.sparsemask_delta[adapter]
-            result = result + sparse.sparse_delta_linear(x, self.delta_values(adapter), delta).to(result.dtype)
+            update = sparse.sparse_delta_linear(x.to(delta.values.dtype), self.delta_values(adapter), delta)
+            result = result + update.to(result.dtype)
         return result
 
-    def _probe(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        anchor = next(iter(self.sparsemask_delta.values())).values  # requires grad: makes backward reach here
-        return _FisherProbe.apply(result, x, anchor, self)
+    # ------------------------------------------------------------------------------------- deltas, merging
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        delta = self.sparsemask_delta[adapter_name]
+        return sparse.scatter_to_dense(delta.indices, self.delta_values(adapter_name).detach().float(), self.shape)
 
     def _add_to_base(self, adapter_name: str, sign: float) -> None:
+        """A scatter into a float weight (no weight-sized increment); quantized weights use the base routine."""
+        if self.is_quantized:
+            return super()._add_to_base(adapter_name, sign)
         indices = self.sparsemask_delta[adapter_name].indices
         values = sign * self.delta_values(adapter_name).detach()
-        if self.quantization_backend is not None:
-            weight = self.get_base_weight()  # dequantized by PEFT's backend, re-quantized on set
-            merged = sparse.scatter_to_dense(indices, values.float(), self.shape, base=weight.float())
-            self.set_base_weight(merged.to(weight.dtype))
-            return
         weight = dense_weight(self.get_base_layer())  # a view: Conv1D stores the transpose
         rows = torch.div(indices, self.in_features, rounding_mode="floor")
         weight.index_put_((rows, indices % self.in_features), values.to(weight.dtype), accumulate=True)
+
+    # ---------------------------------------------------------------------------------------- checkpoints
+    def write_checkpoint(self, adapter_name, key, entries, config) -> None:
+        """A delta as its support (entries, or block ids) and values in ``save_dtype``; a mask as packed bits or
+        the pruned indices, whichever is smaller, and no values."""
+        prefix = f"{key}.sparsemask_delta.{adapter_name}"
+        values = entries.pop(f"{prefix}.values")
+        if self.modes[adapter_name] == "mask":
+            entries.update(storage.mask_entries(prefix, self.pruned_indices(adapter_name), self.shape))
+            return
+        block_size = self.budgets[adapter_name][1]
+        indices = self.sparsemask_delta[adapter_name].indices
+        if block_size > 1:
+            indices = sparse.block_ids(indices, self.shape, block_size)
+        entries.update(storage.sparse_entries(prefix, indices, values, self.shape, config.save_dtype))
+
+    def read_checkpoint(self, adapter_name, key, state_dict) -> None:
+        """Install the saved support (sizes may differ from a freshly built config); PEFT then loads the values
+        onto it. A mask is rebuilt with every saved entry pruned (scores are not saved)."""
+        stored = f"{key}.sparsemask_delta"  # entries are saved without the adapter name
+        saved = storage.read_entries(state_dict, stored, self.shape)
+        values_key = f"{key}.sparsemask_delta.{adapter_name}.values"
+        if self.modes[adapter_name] == "mask":
+            if "pruned" not in saved:
+                raise ValueError("no mask is saved for this mask-mode adapter")
+            self.install_mask(adapter_name, saved["pruned"], num_pruned=saved["pruned"].numel())
+            state_dict[values_key] = self.sparsemask_delta[adapter_name].values.detach().clone()
+            return
+        if "indices" not in saved:
+            raise ValueError("no support is saved for this delta-mode adapter")
+        indices = saved["indices"]
+        block_size = self.budgets[adapter_name][1]
+        if block_size > 1:
+            indices = sparse.block_support(indices, self.shape, block_size)
+        self.sparsemask_delta[adapter_name].set_support(indices)
+        if indices.numel():  # an empty support was saved before calibrate(): the adapter still waits for it
+            self.pending.discard(adapter_name)
+
+    # ---------------------------------------------------------------------------------------- calibration
+    def start_fisher(self) -> None:
+        """Start accumulating Σ (∂L/∂W)² over the calibration batches (the probe measures it in the backward)."""
+        device = self.get_base_layer().weight.device
+        self.fisher = torch.zeros(self.shape, dtype=torch.float32, device=device)
+        # The probe's own anchor makes the backward reach this layer whatever the adapters' trainability.
+        self._probe_anchor = torch.zeros((), device=device, requires_grad=True)
+
+    def finish_fisher(self, adapter_name: str) -> None:
+        """Calibration result: the support is the entries (or blocks) with the largest Σ (∂L/∂W)²."""
+        density, block_size = self.budgets[adapter_name]
+        support = sparse.top_support(self.fisher, support_budget(density, self.shape, block_size), block_size)
+        self.sparsemask_delta[adapter_name].set_support(support)
+        self.pending.discard(adapter_name)
+
+    def stop_fisher(self) -> None:
+        self.fisher = None
+        self._probe_anchor = None
 
     def __repr__(self) -> str:
         return "sparsemask." + super().__repr__()
@@ -177,8 +238,9 @@ class SparseMaskLayer(SparseTunerLayer):
 class _FisherProbe(torch.autograd.Function):
     """Identity in the forward; in the backward adds ``(grad_outᵀ x)²`` to ``layer.fisher``.
 
-    Used only by ``calibrate`` for ``selection="gradient"``: it measures the weight gradient of any base
-    layer, quantized ones included, without making the frozen weight require grad.
+    Used only by ``calibrate`` for ``selection="gradient"``: it measures the weight gradient of any base layer,
+    quantized ones included, without making the frozen weight require grad. Its anchor (a scalar that requires
+    grad) makes autograd call the backward even when nothing else in the layer is trainable.
     """
 
     @staticmethod
