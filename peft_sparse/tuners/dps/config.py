@@ -11,6 +11,7 @@ from peft_sparse.tuners.config_checks import TargetedConfig, check_choice, check
 
 VARIANTS = ("dense", "mix")
 MASKINGS = ("strict", "gradient-only")
+SCOPES = ("targets", "model")
 
 
 @dataclass
@@ -32,6 +33,13 @@ class DPSConfig(TargetedConfig):
     weight decay made to them is undone. ``masking="gradient-only"`` masks the gradient only, as the
     authors' code does, so momentum and weight decay still move the "frozen" entries.
 
+    ``scope="targets"`` (the default, PEFT's scope) trains only the targeted weight matrices (and the task head).
+    ``scope="model"`` is the authors' scope: DPS on every linear weight outside the head (``target_modules``
+    defaults to PEFT's ``"all-linear"``, which includes BERT's pooler), while the biases of those layers, every
+    norm and every embedding train densely at every step, as in the authors' code (they pass the classifier's
+    weight through DPS too; here the head is PEFT's ``modules_to_save`` and trains densely). Its adapter is as
+    large as the model's trained part.
+
     The schedule needs the run's length: the ``SparseTrainerCallback`` reads it from the ``Trainer``; a plain
     loop sets ``total_step`` and calls ``model.base_model.update_and_allocate(step)`` after each
     ``optimizer.step()``, before ``optimizer.zero_grad()``.
@@ -42,8 +50,10 @@ class DPSConfig(TargetedConfig):
         update_ratio: Length of a stage as a fraction of the total steps.
         total_step: Total optimizer steps (plain loops; the Trainer callback fills it in).
         masking: ``"strict"`` or ``"gradient-only"``.
+        scope: ``"targets"`` or ``"model"`` (see above).
         save_dtype: Dtype of the saved increments (``None``: the training dtype).
-        target_modules: Modules to train. ``None``: every linear layer inside the transformer blocks.
+        target_modules: Modules to train. ``None``: every linear layer inside the transformer blocks
+            (``scope="targets"``) or every linear layer outside the head (``scope="model"``).
     """
 
     variant: Literal["dense", "mix"] = field(default="dense", metadata={"help": "'dense' or 'mix' stage I."})
@@ -51,6 +61,7 @@ class DPSConfig(TargetedConfig):
     update_ratio: float = field(default=0.05, metadata={"help": "Stage length as a fraction of total steps."})
     total_step: Optional[int] = field(default=None, metadata={"help": "Total optimizer steps (plain loops)."})
     masking: Literal["strict", "gradient-only"] = field(default="strict", metadata={"help": "Stage-II masking."})
+    scope: Literal["targets", "model"] = field(default="targets", metadata={"help": "'targets' or 'model'."})
     save_dtype: Optional[str] = field(default=None, metadata={"help": "Dtype of saved increments."})
     target_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Modules to train; None: every linear layer in the transformer blocks."}
@@ -61,6 +72,7 @@ class DPSConfig(TargetedConfig):
         self.peft_type = PeftType.DPS
         check_choice("variant", self.variant, VARIANTS)
         check_choice("masking", self.masking, MASKINGS)
+        check_choice("scope", self.scope, SCOPES)
         check_fraction("keep_ratio", self.keep_ratio)
         check_fraction("update_ratio", self.update_ratio)
         check_int("total_step", self.total_step, 1, allow_none=True)

@@ -52,7 +52,7 @@ class DPSLayer(SparseTunerLayer):
     and the recomputation of gradient checkpointing), and counted once.
     """
 
-    adapter_layer_names = ("dps_delta",)
+    adapter_layer_names = ("dps_delta", "dps_bias")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: DPSConfig, **kwargs: Any) -> None:
         super().__init__()
@@ -60,6 +60,7 @@ class DPSLayer(SparseTunerLayer):
             raise TypeError(f"DPS wraps linear layers, not {type(base_layer).__name__}")
         self._init_tuner_layer(base_layer, adapter_name)
         self.dps_delta = nn.ParameterDict({})
+        self.dps_bias = nn.ParameterDict({})  # scope="model": the bias trains densely at every step
         self.states: dict[str, StageState] = {}
         self.schedules: dict[str, Schedule] = {}
         self.checkpoint_schedule = False  # set by DPSModel.save_schedule_state (Trainer checkpoints)
@@ -73,6 +74,9 @@ class DPSLayer(SparseTunerLayer):
     def update_layer(self, adapter_name: str, config: DPSConfig, **kwargs: Any) -> None:
         device = self.get_base_layer().weight.device
         self.dps_delta[adapter_name] = nn.Parameter(torch.zeros(self.shape, dtype=self.adapter_dtype(), device=device))
+        base_bias = self.get_base_layer().bias
+        if config.scope == "model" and base_bias is not None:
+            self.dps_bias[adapter_name] = nn.Parameter(torch.zeros_like(base_bias, dtype=self.adapter_dtype()))
         self.states[adapter_name] = StageState()
         self.schedules[adapter_name] = Schedule.of(config)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
@@ -98,15 +102,24 @@ class DPSLayer(SparseTunerLayer):
         delta = self._effective_delta(active[0])
         for adapter in active[1:]:
             delta = delta + self._effective_delta(adapter)
+        biases = [self.dps_bias[a] for a in active if a in self.dps_bias]
+        bias_delta = sum(biases[1:], biases[0]) if biases else None
         if self.base_runs_own_forward():
             result = self.base_layer(x, *args, **kwargs)
-            return result + F.linear(x.to(delta.dtype), delta).to(result.dtype)
+            return result + F.linear(x.to(delta.dtype), delta, bias_delta).to(result.dtype)
         base = self.get_base_layer()
         weight = dense_weight(base)
-        return F.linear(x, weight + delta.to(weight.dtype), base.bias)
+        bias = base.bias if bias_delta is None else base.bias + bias_delta.to(base.bias.dtype)
+        return F.linear(x, weight + delta.to(weight.dtype), bias)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         return self.dps_delta[adapter_name].detach()
+
+    def delta_parameters(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        deltas = {"weight": self.get_delta_weight(adapter_name)}
+        if adapter_name in self.dps_bias:
+            deltas["bias"] = self.dps_bias[adapter_name].detach()
+        return deltas
 
     # ---------------------------------------------------------------------------------------- schedule
     def has_gradient(self, adapter: str) -> bool:

@@ -6,7 +6,12 @@ import warnings
 from typing import Any
 
 import torch
+from peft.config import PeftConfig
+from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+from peft.utils import INCLUDE_LINEAR_LAYERS_SHORTHAND
+from torch import nn
 
+from peft_sparse.modules import head_module_names, is_norm, is_under
 from peft_sparse.tuners.base import SparseTunerModel
 
 from .layer import DPSLayer
@@ -27,6 +32,23 @@ class DPSModel(SparseTunerModel):
 
     prefix: str = "dps_"
     tuner_layer_cls = DPSLayer
+
+    def _resolve_config(self, model: nn.Module, config: PeftConfig) -> PeftConfig:
+        if config.scope != "model":
+            return super()._resolve_config(model, config)
+        if config.target_modules is None:  # every linear layer outside the head, as PEFT's all-linear
+            config.target_modules = INCLUDE_LINEAR_LAYERS_SHORTHAND
+            _maybe_include_all_linear_layers(config, model)
+            config.target_modules = sorted(config.target_modules)
+        # Norms and embeddings train densely (PEFT's modules_to_save), as in the authors' code.
+        dense = sorted(
+            name for name, module in self._base_modules(model)
+            if (is_norm(module) or isinstance(module, nn.Embedding))
+            and not is_under(name, head_module_names(model, config.modules_to_save))
+        )
+        outermost = [n for n in dense if not any(n != m and is_under(n, [m]) for m in dense)]
+        config.modules_to_save = sorted(set(config.modules_to_save or []) | set(outermost))
+        return config
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._save_schedule_state = False
