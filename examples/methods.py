@@ -30,6 +30,9 @@ from peft_sparse.modules import is_linear, linear_shape
 BERT_LIKE = {"bert", "roberta", "xlm-roberta", "xlm_roberta", "electra", "camembert", "ernie", "mpnet"}
 BERT_TARGETS = ["query", "key", "value", "dense"]
 MPNET_TARGETS = ["q", "k", "v", "o", "dense"]
+#: The six Linears of a BERT block (``BERT_TARGETS`` without the pooler): the modules SparseMask and DPS wrap by
+#: default on BERT, and those of the LoRA / SHiRA / SparseMask runs in benchmarks/RESULTS.md.
+BERT_BLOCK_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 
 #: Learning rate per method when none is given. Sparse increments (SparseMask, SHiRA) train few entries from
 #: zero and need a larger step than LoRA (on MiniLM, 1% density at 5e-4 barely moved the loss in one epoch).
