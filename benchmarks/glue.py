@@ -2,22 +2,23 @@
 """GLUE side-by-side benchmark: methods x tasks x seeds, each run a subprocess of examples/finetune_glue.py.
 
 Every run is its own process (so its peak RSS is its own), the runs go one after another, all with the same
-thread count. The harness collects the runs' JSON reports and writes, under ``--out-dir``:
+thread count. The example builds each method with examples/methods.py and measures it with benchmarks/measure.py;
+the harness collects the runs' JSON reports and writes, under ``--out-dir``:
 
 - ``glue.json``: every raw report plus the benchmark's settings;
 - ``glue.md``: a Markdown table per task and method (score mean ± std over seeds, trainable parameters, adapter
   bytes, peak RSS, median optimizer-step time, training wall time);
 - ``glue.png``: per task, score vs trainable parameters and score vs adapter bytes (both log x);
-- ``runs/`` and ``logs/``: each run's output folder, JSON report and log.
+- ``runs/`` and ``logs/``: each run's output folder (adapter and ``report.json``) and log.
 
 Quick profile (about 30 minutes on a 2-core CPU)::
 
-    python benchmarks/glue.py --quick --glue-dir /path/to/glue
+    python benchmarks/glue.py --quick --glue-dir ../shared/data/glue
 
 Anything else, e.g.::
 
     python benchmarks/glue.py --methods bitfit,layerselect --tasks rte,stsb,cola --seeds 1,2,3 \\
-        --glue-dir /path/to/glue --max-train-samples 2000 --epochs 3
+        --glue-dir ../shared/data/glue --max-train-samples 2000 --epochs 3
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "finetune_glue.py"
+sys.path.insert(0, str(ROOT / "examples"))
+from methods import BERT_BLOCK_TARGETS  # noqa: E402
 
 #: The quick profile: 4 methods x SST-2 (4,000 training rows) and MRPC (all 3,668), 1 seed, 1 epoch, full dev sets.
 QUICK = dict(
@@ -51,20 +54,24 @@ QUICK = dict(
     batch_size=32,
 )
 
-#: The six encoder Linears of a BERT block (not the pooler): LoRA r=8 trains 331,776 entries there on MiniLM.
-BERT_SIX = "query,key,value,attention.output.dense,intermediate.dense,output.dense"
+#: The six Linears of each BERT block, not the pooler (LoRA r=8 trains 331,776 entries there on MiniLM): the
+#: modules of the LoRA, SHiRA, SparseMask and DPS runs in benchmarks/RESULTS.md. examples/methods.py's default for
+#: LoRA, SHiRA, SparseMask and DPS adds the pooler.
+BLOCKS = "--target_modules " + " ".join(BERT_BLOCK_TARGETS)
 
-#: Benchmark labels that are a method of finetune_glue.py with extra arguments.
+#: Benchmark labels: a method of finetune_glue.py with its arguments. Other labels run the method with the
+#: example's defaults.
 VARIANTS = {
-    "lora-r8": ("lora", f"--lora-r 8 --lora-target-modules {BERT_SIX}"),
-    "shira-r8": ("shira", f"--lora-r 8 --lora-target-modules {BERT_SIX}"),
-    "sparsemask-mag": ("sparsemask", "--density 0.01 --selection magnitude"),
-    "sparsemask-grad": ("sparsemask", "--density 0.01 --selection gradient"),
-    "sparsemask-rand": ("sparsemask", "--density 0.01 --selection random"),
-    "sparsemask-eq": ("sparsemask", "--density 0.03125 --selection magnitude"),  # LoRA r=8's trained count
-    "mask-10": ("mask", "--sparsity 0.1"),
+    "lora-r8": ("lora", f"--lora_r 8 {BLOCKS}"),
+    "shira-r8": ("shira", f"--lora_r 8 {BLOCKS}"),
+    "sparsemask-mag": ("sparsemask", f"--density 0.01 --selection magnitude {BLOCKS}"),
+    "sparsemask-grad": ("sparsemask", f"--density 0.01 --selection gradient {BLOCKS}"),
+    "sparsemask-rand": ("sparsemask", f"--density 0.01 --selection random {BLOCKS}"),
+    "sparsemask-eq": ("sparsemask", f"--density 0.03125 --selection magnitude {BLOCKS}"),  # LoRA r=8's count
+    "mask-10": ("mask", "--sparsity 0.1"),  # SparseMask's own default targets: the six block Linears
+    "dps": ("dps", BLOCKS),
     "bias-only": ("bitfit", ""),
-    "bitfit-lr5e-3": ("bitfit", "--lr 5e-3"),  # 1 epoch is short for BitFit at its paper's lr of 1e-3
+    "bitfit-lr5e-3": ("bitfit", "--learning_rate 5e-3"),  # 1 epoch is short for BitFit at its paper's lr of 1e-3
 }
 
 #: Named profiles (``--profile NAME``): the runs behind each table in benchmarks/RESULTS.md.
@@ -107,34 +114,38 @@ def per_task(text: Optional[str], task: str) -> Optional[str]:
     return values.get(task)
 
 
+def example_command(args, task: str, method: str, seed: int, out_dir: Path) -> list[str]:
+    """The examples/finetune_glue.py command of one run, writing to ``out_dir/runs/<task>-<method>-s<seed>``."""
+    example_method, variant_args = VARIANTS.get(method, (method, ""))
+    cmd = [
+        sys.executable, str(EXAMPLE),
+        "--task_name", task, "--method", example_method, "--seed", str(seed), "--num_train_epochs", str(args.epochs),
+        "--per_device_train_batch_size", str(args.batch_size), "--per_device_eval_batch_size", str(2 * args.batch_size),
+        "--max_seq_length", str(args.max_length), "--output_dir", str(out_dir / "runs" / f"{task}-{method}-s{seed}"),
+    ]
+    if args.glue_dir:
+        cmd += ["--glue_dir", args.glue_dir]
+    if args.model:
+        cmd += ["--model_name_or_path", args.model]
+    for flag, value in (("--max_train_samples", per_task(args.max_train_samples, task)),
+                        ("--max_eval_samples", per_task(args.max_eval_samples, task))):
+        if value is not None and int(value) > 0:
+            cmd += [flag, str(int(value))]
+    return cmd + shlex.split(variant_args) + shlex.split(args.example_args or "")
+
+
 def run_one(args, task: str, method: str, seed: int, out_dir: Path) -> dict[str, Any]:
     name = f"{task}-{method}-s{seed}"
-    json_out = out_dir / "runs" / f"{name}.json"
+    json_out = out_dir / "runs" / name / "report.json"
     log = out_dir / "logs" / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     if args.skip_existing and json_out.is_file():
         print(f"[glue-bench] {name}: reusing {json_out}", flush=True)
         return json.loads(json_out.read_text())
     example_method, variant_args = VARIANTS.get(method, (method, ""))
-    cmd = [
-        sys.executable, str(EXAMPLE),
-        "--task", task, "--method", example_method, "--seed", str(seed),
-        "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-        "--output-dir", str(out_dir / "runs" / name), "--json-out", str(json_out),
-    ]
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
-    if args.glue_dir:
-        cmd += ["--glue-dir", args.glue_dir]
-    if args.model:
-        cmd += ["--model", args.model]
-    for flag, value in (("--max-train-samples", per_task(args.max_train_samples, task)),
-                        ("--max-eval-samples", per_task(args.max_eval_samples, task))):
-        if value is not None and int(value) > 0:
-            cmd += [flag, str(int(value))]
-    cmd += shlex.split(variant_args) + shlex.split(args.example_args or "")
+    cmd = example_command(args, task, method, seed, out_dir)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if args.threads:  # also caps the tokenizers' and OpenMP's own pools
+    if args.threads:  # torch's threads (it reads OMP_NUM_THREADS), and the tokenizers' own pool
         env.update(OMP_NUM_THREADS=str(args.threads), RAYON_NUM_THREADS=str(args.threads))
     if json_out.exists():
         json_out.unlink()

@@ -3,7 +3,8 @@
 The methods' models are built in one process and stepped round-robin (method A, B, C, A, B, C, ...), so slow
 phases of a shared machine hit every method alike; the table reports medians and the ratio to bias-only
 training, the floor for any method that trains something in every layer. Peak memory needs one process per
-method: ``--memory`` runs each method alone in a subprocess and reports its peak RSS.
+method: ``--memory`` runs each method alone in a subprocess and reports its peak RSS. Every method is built by
+examples/methods.py (``VARIANTS`` below: label -> method and options).
 
     python benchmarks/step_time.py --methods bitfit,sparsemask,lora,shira,full --steps 20
 """
@@ -12,40 +13,42 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
-from peft import LoraConfig, ShiraConfig, get_peft_model
 from transformers import AutoModelForSequenceClassification
 
-import peft_sparse
-from peft_sparse import BitFitConfig, SparseMaskConfig
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "examples"), str(ROOT / "benchmarks")]
+from measure import peak_rss_mib  # noqa: E402
+from methods import BERT_BLOCK_TARGETS, apply_method, trainable_entries  # noqa: E402
 
-# LoRA / SHiRA on the six encoder Linears of each BERT block (not the pooler): 331,776 entries on MiniLM.
-BERT_LINEARS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
-EQUAL_DENSITY = 0.03125  # SparseMask density with LoRA r=8's trained count on MiniLM's encoder Linears
+#: Labels -> (examples/methods.py method, options). LoRA and SHiRA r=8 and the SparseMask runs train the six Linears
+#: of each BERT block, not the pooler (331,776 LoRA entries on MiniLM); LoRA without dropout here.
+VARIANTS = {
+    "full": ("full", {}),
+    "bitfit": ("bitfit", {}),
+    "lora": ("lora", dict(r=8, lora_dropout=0.0, target_modules=BERT_BLOCK_TARGETS)),
+    "shira": ("shira", dict(r=8, target_modules=BERT_BLOCK_TARGETS)),
+    "sparsemask": ("sparsemask", dict(density=0.01, target_modules=BERT_BLOCK_TARGETS)),
+    # the density at which SparseMask trains as many entries as LoRA r=8 (0.03125 on MiniLM)
+    "sparsemask-equal": ("sparsemask", dict(match_lora_r=8, target_modules=BERT_BLOCK_TARGETS)),
+    "sparsemask-block": ("sparsemask", dict(density=0.01, block_size=32, target_modules=BERT_BLOCK_TARGETS)),
+    "mask": ("mask", dict(sparsity=0.1)),  # SparseMask's own default targets: the six block Linears
+}
 
 
 def build(method: str, model_path: str) -> torch.nn.Module:
+    if method not in VARIANTS:
+        raise SystemExit(f"unknown method {method!r}; choose from {sorted(VARIANTS)}")
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2)
-    configs = {
-        "full": None,
-        "bitfit": lambda: BitFitConfig(task_type="SEQ_CLS"),
-        "lora": lambda: LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=BERT_LINEARS),
-        "shira": lambda: ShiraConfig(task_type="SEQ_CLS", r=8, target_modules=BERT_LINEARS),
-        "sparsemask": lambda: SparseMaskConfig(task_type="SEQ_CLS", density=0.01),
-        "sparsemask-equal": lambda: SparseMaskConfig(task_type="SEQ_CLS", density=EQUAL_DENSITY),
-        "sparsemask-block": lambda: SparseMaskConfig(task_type="SEQ_CLS", density=0.01, block_size=32),
-        "mask": lambda: SparseMaskConfig(task_type="SEQ_CLS", mode="mask", sparsity=0.1),
-    }
-    if method not in configs:
-        raise SystemExit(f"unknown method {method!r}; choose from {sorted(configs)}")
-    return model if configs[method] is None else get_peft_model(model, configs[method]())
+    name, options = VARIANTS[method]
+    return apply_method(model, name, "SEQ_CLS", **options)
 
 
 def make_batch(batch_size: int, length: int, vocab: int) -> dict[str, torch.Tensor]:
@@ -65,10 +68,6 @@ def step(model, optimizer, batch) -> float:
     return time.perf_counter() - start
 
 
-def trainable(model) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def run_alone(method: str, args) -> dict:
     """One method in this process: trainable entries, median step time and peak RSS (for --memory)."""
     model = build(method, args.model).train()
@@ -77,9 +76,9 @@ def run_alone(method: str, args) -> dict:
     times = [step(model, optimizer, batch) for _ in range(args.steps)]
     return {
         "method": method,
-        "trainable": trainable(model),
+        "trainable": trainable_entries(model),
         "median_step_s": statistics.median(times[2:]),
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": peak_rss_mib(),
     }
 
 
@@ -138,7 +137,7 @@ def main(argv=None) -> None:
             elapsed = step(models[m], optimizers[m], batch)
             if round_ >= 2:  # warm-up rounds
                 times[m].append(elapsed)
-    rows = {m: {"method": m, "trainable": trainable(models[m]), "median_step_s": statistics.median(times[m])}
+    rows = {m: {"method": m, "trainable": trainable_entries(models[m]), "median_step_s": statistics.median(times[m])}
             for m in methods}
     for m in memory:
         rows[m]["peak_rss_mib"] = memory[m]["peak_rss_mib"]
