@@ -39,7 +39,7 @@ from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "finetune_glue.py"
-sys.path.insert(0, str(ROOT / "examples"))
+sys.path.append(str(ROOT / "examples"))
 from methods import BERT_BLOCK_TARGETS  # noqa: E402
 
 #: The quick profile: 4 methods x SST-2 (4,000 training rows) and MRPC (all 3,668), 1 seed, 1 epoch, full dev sets.

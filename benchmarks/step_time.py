@@ -23,7 +23,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "examples"), str(ROOT / "benchmarks")]
+sys.path += [str(ROOT / "examples"), str(ROOT / "benchmarks")]
 from measure import peak_rss_mib  # noqa: E402
 from methods import BERT_BLOCK_TARGETS, apply_method, trainable_entries  # noqa: E402
 

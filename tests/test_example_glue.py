@@ -32,11 +32,11 @@ def _load(name: str, path: Path):
     return module
 
 
-sys.path[:0] = [str(ROOT / "examples"), str(ROOT / "benchmarks")]
+sys.path.append(str(ROOT / "examples"))
 import glue_data  # noqa: E402
-import measure  # noqa: E402
 import methods  # noqa: E402
 
+measure = _load("measure", ROOT / "benchmarks" / "measure.py")  # by path: benchmarks/kernels.py is not HF's kernels
 fg = _load("finetune_glue", ROOT / "examples" / "finetune_glue.py")
 glue_bench = _load("glue_bench", ROOT / "benchmarks" / "glue.py")
 step_time = _load("step_time", ROOT / "benchmarks" / "step_time.py")
@@ -206,7 +206,8 @@ def test_tsv_loader_quirks_and_subsample(glue_dir, cache_dir):
         for n in (None, 10):
             train, dev = _splits(task, glue_dir, cache_dir, max_train_samples=n, max_eval_samples=n)
             ref = glue_data.load_glue_task(task, "train", str(glue_dir))
-            _same_rows(train, ref if n is None else glue_data.subsample(ref, n, seed=42), task)  # the rows evidence.py trains on
+            # a limited training set: the rows glue_data.subsample gives evidence.py
+            _same_rows(train, ref if n is None else glue_data.subsample(ref, n, seed=42), task)
             _same_rows(dev, glue_data.subsample(glue_data.load_glue_task(task, "dev", str(glue_dir)), n), task)
     sst2 = fg.load_glue("sst2", str(glue_dir), cache_dir)["train"]
     assert sst2[0]["sentence"] == 'the " movie was great ' and sst2[1]["sentence"] == "NA"
@@ -239,7 +240,8 @@ RUNS = {  # method family: (task, method, extra flags)
     "shira": ("sst2", "shira", ["--lora_r", "2", "--target_modules", "query", "value"]),
     "bitfit": ("mrpc", "bitfit", []),
     "layerselect": ("stsb", "layerselect", ["--num_layers", "1", "--calibration_batches", "2"]),
-    "sparsemask": ("cola", "sparsemask", ["--density", "0.05", "--selection", "gradient", "--calibration_batches", "2"]),
+    "sparsemask": ("cola", "sparsemask", ["--density", "0.05", "--selection", "gradient", "--calibration_batches",
+                                          "2"]),
     "mask": ("sst2", "mask", ["--sparsity", "0.1"]),
     "dps": ("sst2", "dps", ["--update_ratio", "0.3"]),
     "learner": ("sst2", "learner", ["--priming_steps", "2"]),
