@@ -3,9 +3,10 @@
 
 In the shape of transformers' run_glue.py: model, data and method arguments beside every TrainingArguments flag
 (--bf16, --gradient_accumulation_steps, --eval_strategy epoch...; --help lists them all, and --max-train-samples
-is --max_train_samples). examples/methods.py builds the method; after training the script evaluates on the dev
-set and prints what the method cost (benchmarks/measure.py): trainable entries, peak memory, median step time and
-the bytes of the saved adapter, which goes to --output_dir with the tokenizer and report.json.
+is --max_train_samples). examples/methods.py builds the method. The script always trains, saves and evaluates on
+the dev set (--do_train / --do_eval are not read), then prints what the method cost (benchmarks/measure.py):
+trainable entries, peak memory, median step time and the bytes of the saved adapter, which goes to --output_dir
+with the tokenizer and report.json.
 
     python examples/finetune_glue.py --method sparsemask --task sst2 --glue-dir ../shared/data/glue \\
         --max-train-samples 2000
