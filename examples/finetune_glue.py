@@ -201,8 +201,8 @@ def main(args: Optional[list[str]] = None) -> dict[str, Any]:
     model = AutoModelForSequenceClassification.from_pretrained(
         model_args.model_name_or_path, num_labels=TASKS[task]["num_labels"], cache_dir=model_args.cache_dir)
     options = method_args.options()
-    if method == "sparsemask":
-        options.setdefault("seed", training_args.seed)  # a random support is drawn per seed, like the data order
+    if method == "sparsemask" and method_args.selection == "random":
+        options["seed"] = training_args.seed  # a random support is drawn per seed, like the data order
     model = apply_method(model, method, "SEQ_CLS", **options)
 
     scores: dict[str, float] = {}  # the GLUE dev metrics of the last evaluation, for the report

