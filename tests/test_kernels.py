@@ -437,7 +437,7 @@ if not IN_INTERPRETER:
         pytest.importorskip("triton", minversion=INTERPRETER_MIN_TRITON, reason=INTERPRETER_SKIP_REASON)
         env = {**os.environ, "TRITON_INTERPRET": "1"}
         env.pop("PEFT_SPARSE_BACKEND", None)
-        command = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", "TestKernels"]
+        command = [sys.executable, "-P", "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", "TestKernels"]
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
         summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
         assert done.returncode == 0 and " passed" in summary and "skipped" not in summary, done.stdout[-6000:]
