@@ -17,6 +17,7 @@ register_all()
 
 from peft_sparse.callbacks import SparseTrainerCallback  # noqa: E402
 from peft_sparse.calibration import calibrate, requires_calibration  # noqa: E402
+from peft_sparse.distributed import check_sharding  # noqa: E402
 from peft_sparse.tuners import (  # noqa: E402
     BitFitConfig,
     BitFitModel,
@@ -45,5 +46,6 @@ __all__ = [
     "SparseMaskModel",
     "SparseTrainerCallback",
     "calibrate",
+    "check_sharding",
     "requires_calibration",
 ]

@@ -3,8 +3,14 @@
 SparseMask ``selection="gradient"`` (Σ of squared weight gradients), LayerSelect ``num_layers`` (gradient norm
 per block) and Learner priming (how far each FFN node moves) choose what to train from a few batches, before the
 training optimizer exists. Under several processes (``torch.distributed`` initialised: DDP, FSDP, Accelerate),
-every rank measures on its own batches and the measurements are summed over the ranks before the selection, so
-every rank installs the same selection, equal to one process measuring the union of the batches.
+every rank measures on its own batches and the measurements are summed over the ranks before the selection (formed
+on rank 0 and broadcast, so identical bit for bit), so every rank installs the same selection, equal to one process
+measuring the union of the batches. Learner priming averages the ranks' gradients at every priming step instead
+(data-parallel priming: one process priming on the ranks' batches put together).
+
+Calibration creates parameters (supports, Learners) or makes blocks trainable, so it runs before the model is
+wrapped for data parallelism (``accelerator.prepare``, DDP, ``fully_shard``), which register the parameters they
+synchronise; it refuses a wrapped model.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from tqdm.auto import tqdm
 
+from peft_sparse import distributed
 from peft_sparse.tuners.base import SparseTunerModel, find_tuner
 
 
@@ -39,24 +46,17 @@ def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _all_reduce(tensors: list[torch.Tensor]) -> None:
-    """Sum ``tensors`` in place over every process (nothing to do in a single process)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    for tensor in tensors:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-
-
 def calibrate(model: nn.Module, batches: Iterable[Mapping[str, Any]], num_batches: Optional[int] = None) -> int:
     """Run the calibration that the active adapters' automatic selection needs, then apply the selection.
 
     Args:
-        model: A PEFT model (possibly wrapped by DDP/FSDP/Accelerate) whose active adapter(s) wait for
-            calibration (``requires_calibration(model)``).
+        model: A PEFT model whose active adapter(s) wait for calibration (``requires_calibration(model)``), not yet
+            wrapped for data parallelism: under several processes, calibrate after ``torch.distributed`` is set up
+            (``Accelerator()``) and before ``accelerator.prepare`` / DDP / ``fully_shard``.
         batches: Model-input dicts with labels (so the model returns a loss): a DataLoader, or any iterable.
-            Under several processes each rank may see its own batches; give every rank the same ``num_batches``.
+            Under several processes each rank may see its own batches. Every rank starts from rank 0's model (its
+            parameters are broadcast first, as DDP does), and calibration stops when the first rank runs out of
+            batches, so every rank measures the same number of batches.
         num_batches: Use at most this many batches (default: all of them).
 
     Returns:
@@ -64,6 +64,14 @@ def calibrate(model: nn.Module, batches: Iterable[Mapping[str, Any]], num_batche
         left behind. With nothing to calibrate it warns and returns 0.
     """
     tuner = _tuner_of(model)
+    wrapper = distributed.parallel_wrapper(model)
+    if wrapper is not None:
+        raise ValueError(
+            f"calibrate() got a model already prepared for data parallelism ({wrapper}). Calibration creates the "
+            "adapter's parameters (supports, Learners) or makes blocks trainable, which the data-parallel wrapper "
+            "would not synchronise: call calibrate() after torch.distributed is set up (Accelerator()) and before "
+            "accelerator.prepare / DistributedDataParallel / fully_shard. Each rank may calibrate on its own batches."
+        )
     pending = (
         [a for a in tuner.active_adapters if tuner.needs_calibration(a)] if isinstance(tuner, SparseTunerModel) else []
     )
@@ -82,11 +90,24 @@ def calibrate(model: nn.Module, batches: Iterable[Mapping[str, Any]], num_batche
     device = next(p.device for p in tuner.model.parameters())
     was_training = model.training
     used = 0
+    distributed.sync_module_from_rank0(tuner.model)  # every rank measures the model DDP would train
     model.train()
     tuner._calibrating = True
     session = tuner._begin_calibration(pending)
+    several = distributed.world_size() > 1
+    progress = tqdm(total=total, desc="calibrating", leave=False)
     try:
-        for batch in tqdm(islice(batches, num_batches), total=total, desc="calibrating", leave=False):
+        iterator = iter(islice(batches, num_batches))
+        while True:
+            batch = next(iterator, None)
+            has_batch = batch is not None
+            if several:
+                # Stop as soon as one rank runs out: sessions that communicate at every step (priming) need the
+                # same number of steps everywhere.
+                has_batch = distributed.all_ranks_true(has_batch, device)
+            if not has_batch:
+                break
+            progress.update()
             if not isinstance(batch, Mapping):
                 raise TypeError(
                     f"calibrate() takes batches that are dicts of model inputs with labels (as a DataLoader with a "
@@ -102,10 +123,11 @@ def calibrate(model: nn.Module, batches: Iterable[Mapping[str, Any]], num_batche
             if session.done:
                 break
         if used == 0:
-            raise ValueError("calibrate() got no batches")
-        _all_reduce(session.measurements())
+            raise ValueError("calibrate() got no batches" + (" on at least one rank" if several else ""))
+        distributed.reduce_to_all(session.measurements())
         session.finish()
     finally:
+        progress.close()
         session.close()
         tuner._calibrating = False
         model.train(was_training)

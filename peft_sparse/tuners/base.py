@@ -45,7 +45,7 @@ from peft.utils.integrations import _skip_init_on_device
 from peft.utils.quantization_utils import resolve_quantization_backend
 from torch import nn
 
-from peft_sparse import storage
+from peft_sparse import distributed, storage
 from peft_sparse.modules import block_index, dense_weight, find_layer_stack, head_module_names, is_linear, is_under
 
 
@@ -129,6 +129,21 @@ class SparseTunerLayer(nn.Module, BaseTunerLayer):
     def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         raise NotImplementedError
 
+    def base_layer_can_be_fsdp_unit(self) -> bool:
+        """Whether FSDP may shard ``base_layer`` as a unit of its own. FSDP gathers a unit's parameters only around
+        the unit's own forward; every layer that reaches a hooked base layer through its forward
+        (``base_runs_own_forward``) allows it, a layer that reads the base parameters itself does not."""
+        return True
+
+    def sharding_problems(self) -> list[str]:
+        """FSDP units inside this layer that cannot work (see ``check_sharding``), as ``"<name> (<type>)"``."""
+        problems = []
+        for name, module in distributed.fsdp_units_inside(self):
+            if name == "base_layer" and self.base_layer_can_be_fsdp_unit():
+                continue
+            problems.append(f"{name} ({type(module).__name__})")
+        return problems
+
     @property
     def is_quantized(self) -> bool:
         """Whether the base layer's weight is quantized (PEFT's quantization backend: bitsandbytes, HQQ...)."""
@@ -177,6 +192,7 @@ class SparseTunerLayer(nn.Module, BaseTunerLayer):
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Fold the adapters' changes into the base layer (re-quantizing a quantized weight: the merged layer then
         differs from the unmerged one by the quantization error)."""
+        self._refuse_sharded("merge")
         for adapter in check_adapters_to_merge(self, adapter_names):
             if not self.has_adapter(adapter):
                 continue
@@ -190,11 +206,22 @@ class SparseTunerLayer(nn.Module, BaseTunerLayer):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
+        self._refuse_sharded("unmerge")
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
             if self.has_adapter(adapter):
                 with torch.no_grad():
                     self._add_to_base(adapter, -1.0)
+
+    def _refuse_sharded(self, what: str) -> None:
+        """Merging writes into the base parameters, which FSDP holds as DTensor shards between forwards."""
+        sharded = [n for n, p in self.named_parameters() if distributed.is_dtensor(p)]
+        if sharded:
+            raise ValueError(
+                f"Cannot {what} {type(self).__name__}: its parameters are FSDP shards (DTensor: {sharded[:3]}). "
+                "Gather the adapter first (save_pretrained from the gathered state dict, then load it in one "
+                "process) and merge there."
+            )
 
     def _add_to_base(self, adapter_name: str, sign: float) -> None:
         for name, delta in self.delta_parameters(adapter_name).items():
@@ -531,7 +558,34 @@ class SparseTunerModel(BaseTuner):
     def _begin_calibration(self, adapter_names: list[str]) -> CalibrationSession:
         raise TypeError(f"{type(self).__name__} has nothing to calibrate")
 
+    def check_sharding(self) -> None:
+        """Refuse FSDP settings that cannot work with this tuner, with an error naming the setting.
+
+        Called by every forward under ``torch.distributed`` (FSDP2 itself finishes its set-up lazily at the first
+        forward; neither ``fully_shard`` nor ``accelerator.prepare`` has a hook for a plugin's checks), and callable
+        right after ``fully_shard`` / ``accelerator.prepare``. Refused: an FSDP unit strictly inside a tuner layer
+        (an adapter container, ``SparseDelta``, or a base layer whose parameters the layer reads itself), which an
+        ``auto_wrap_policy`` reaching into tuner layers creates (e.g. Accelerate's ``SIZE_BASED_WRAP`` with a small
+        ``min_num_params``): FSDP gathers a unit's parameters only around that unit's own forward, and those are
+        read outside it.
+        """
+        problems = []
+        for name, layer in self.tuner_layers():
+            problems += [f"{name}.{inner}" for inner in layer.sharding_problems()]
+        if problems:
+            shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+            raise ValueError(
+                f"This FSDP setting cannot work with {type(self).__name__}: {shown}. FSDP gathers a unit's parameters "
+                "only around that unit's own forward, and peft_sparse tuner layers read their adapter (and, for "
+                "LayerSelect, base) parameters themselves. Shard whole tuner layers, transformer blocks or the model: "
+                "fully_shard each block and then the model, or in Accelerate fsdp_auto_wrap_policy="
+                "TRANSFORMER_BASED_WRAP or NO_WRAP (SIZE_BASED_WRAP only with a min_num_params above the size of "
+                "every adapter container)."
+            )
+
     def forward(self, *args: Any, **kwargs: Any):
+        if distributed.world_size() > 1:
+            self.check_sharding()
         if self.model.training and not self._calibrating:
             pending = [a for a in self.active_adapters if self.needs_calibration(a)]
             if pending:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_sparse import sparse, storage
+from peft_sparse import distributed, sparse, storage
 from peft_sparse.modules import dense_weight, is_linear, linear_shape
 from peft_sparse.tuners.base import SparseTunerLayer
 
@@ -36,11 +36,13 @@ class StageState:
     """One adapter's schedule state on one layer."""
 
     stage: int = 1  # 1 = stage I (all entries or sampled columns), 2 = stage II (the subnetwork)
-    score: Optional[torch.Tensor] = None  # Σ g² over the current stage I (fp32, weight-sized)
+    # Σ g² over the current stage I (fp32, weight-sized; under FSDP a DTensor sharded like the increment)
+    score: Optional[torch.Tensor] = None
     column_counts: Optional[torch.Tensor] = None  # mix: how often each input column was sampled this stage
     columns: Optional[torch.Tensor] = None  # mix: this optimizer step's sampled columns (all its forwards)
-    mask: Optional[torch.Tensor] = None  # stage II: True where entries are updated
-    frozen_values: Optional[torch.Tensor] = None  # strict stage II: the values outside the mask
+    mask: Optional[torch.Tensor] = None  # stage II: True where entries are updated (whole, on every rank)
+    local_mask: Optional[torch.Tensor] = None  # the part of ``mask`` this rank's shard of the increment holds
+    frozen_values: Optional[torch.Tensor] = None  # strict stage II: the values outside the mask (this rank's shard)
 
 
 class DPSLayer(SparseTunerLayer):
@@ -49,7 +51,12 @@ class DPSLayer(SparseTunerLayer):
     In stage II the increment enters the forward as ``where(mask, ΔW, ΔW.detach())``: the same values, but the
     gradient reaches only the subnetwork, with no hook on the parameter. In ``mix`` stage I the sampled input
     columns are drawn once per optimizer step and reused by every forward of that step (gradient accumulation,
-    and the recomputation of gradient checkpointing), and counted once.
+    and the recomputation of gradient checkpointing), and counted once; under several processes rank 0's draw is
+    broadcast, so every rank samples the same columns.
+
+    Under FSDP (``fully_shard``) the increment, its gradient and so the stage-I score are DTensor shards between
+    forwards: each rank accumulates the score of its own shard, the scores are gathered once at each stage switch
+    (every rank computes the same whole mask from them), and strict masking works on each rank's shard.
     """
 
     adapter_layer_names = ("dps_delta", "dps_bias")
@@ -91,7 +98,9 @@ class DPSLayer(SparseTunerLayer):
             return torch.where(state.mask, delta, delta.detach())
         if schedule.variant == "mix":  # Mixout over input columns: W0 + M ⊙ ΔW / keep
             if state.columns is None:
-                state.columns = torch.rand(self.in_features, device=delta.device) < schedule.keep_ratio
+                columns = torch.rand(self.in_features, device=delta.device) < schedule.keep_ratio
+                distributed.broadcast_from_rank0([columns])  # every rank trains the same sampled columns
+                state.columns = columns
             return delta * (state.columns.to(delta.dtype) / schedule.keep_ratio)
         return delta
 
@@ -123,7 +132,15 @@ class DPSLayer(SparseTunerLayer):
 
     # ---------------------------------------------------------------------------------------- schedule
     def has_gradient(self, adapter: str) -> bool:
-        return self.dps_delta[adapter].grad is not None and bool(self.dps_delta[adapter].grad.any())
+        grad = self.dps_delta[adapter].grad
+        return grad is not None and bool(distributed.local(grad).any())
+
+    def _local_mask(self, state: StageState, delta: torch.Tensor) -> torch.Tensor:
+        """The stage-II mask over this rank's shard of the increment (the whole mask without sharding)."""
+        values = distributed.local(delta.data)
+        if state.local_mask is None or state.local_mask.shape != values.shape:
+            state.local_mask = distributed.local_part(state.mask, delta.data)
+        return state.local_mask
 
     @torch.no_grad()
     def after_optimizer_step(self, adapter: str, global_step: int, stage_length: int) -> None:
@@ -131,11 +148,12 @@ class DPSLayer(SparseTunerLayer):
         delta = self.dps_delta[adapter]
         state, schedule = self.states[adapter], self.schedules[adapter]
         if state.stage == 2 and schedule.masking == "strict" and state.mask is not None:
-            delta.data[~state.mask] = state.frozen_values  # undo momentum / weight decay outside the subnetwork
+            # undo momentum / weight decay outside the subnetwork (on this rank's shard under FSDP)
+            distributed.local(delta.data)[~self._local_mask(state, delta)] = state.frozen_values
         if state.stage == 1:
             if delta.grad is not None:
                 if state.score is None:
-                    state.score = torch.zeros(self.shape, dtype=torch.float32, device=delta.device)
+                    state.score = torch.zeros_like(delta.grad, dtype=torch.float32)
                 state.score += delta.grad.float().square()
             if schedule.variant == "mix" and state.columns is not None:
                 if state.column_counts is None:
@@ -148,15 +166,18 @@ class DPSLayer(SparseTunerLayer):
             return
         if next_stage == 2:
             state.mask = self._subnetwork(state, schedule, stage_length, delta.device)
+            state.local_mask = None
             if schedule.masking == "strict":
-                state.frozen_values = delta.data[~state.mask].clone()
+                state.frozen_values = distributed.local(delta.data)[~self._local_mask(state, delta)].clone()
         else:
-            state.mask = state.frozen_values = state.score = state.column_counts = state.columns = None
+            state.mask = state.local_mask = state.frozen_values = state.score = None
+            state.column_counts = state.columns = None
         state.stage = next_stage
 
     def _subnetwork(self, state: StageState, schedule: Schedule, stage_length: int, device) -> torch.Tensor:
-        """The top ``keep_ratio`` entries of this weight by the stage-I score."""
-        score = state.score if state.score is not None else torch.zeros(self.shape, device=device)
+        """The top ``keep_ratio`` entries of this weight by the stage-I score (under FSDP the shards' scores are
+        gathered first: a collective, which every rank reaches in the same ``update_and_allocate``)."""
+        score = distributed.gather(state.score) if state.score is not None else torch.zeros(self.shape, device=device)
         if schedule.variant == "mix" and state.column_counts is not None:
             counts = state.column_counts.clamp_min(1)[None, :]
             score = score / counts
@@ -181,6 +202,13 @@ class DPSLayer(SparseTunerLayer):
         if state.mask is not None:
             entries[f"{schedule_key}.subnetwork"] = sparse.pack_bits(state.mask)
         if state.score is not None:
+            if distributed.is_dtensor(state.score):
+                raise ValueError(
+                    "DPS cannot save its stage-I scores for resuming (save_schedule_state=True) while FSDP shards "
+                    "them: gathering them is a collective, and checkpoints are written by rank 0 alone. Save the "
+                    "adapter with save_schedule_state=False (a resumed run then restarts the current stage's "
+                    "scores), or train DPS under DDP."
+                )
             entries[f"{schedule_key}.score"] = state.score.detach().cpu()
         if state.column_counts is not None:
             entries[f"{schedule_key}.columns"] = state.column_counts.detach().cpu()

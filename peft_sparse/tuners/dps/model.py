@@ -26,8 +26,11 @@ class DPSModel(SparseTunerModel):
         >>> Trainer(model=model, ..., callbacks=[peft_sparse.SparseTrainerCallback()]).train()
 
     Under DDP the stage-I scores are read from ``.grad`` after the optimizer step, i.e. from the gradient that DDP
-    has already averaged over the ranks: every rank accumulates the same scores and picks the same subnetwork.
-    (``calibrate`` instead sums each rank's own squared gradients; the two estimators differ by design.)
+    has already averaged over the ranks (with gradient accumulation: over the step's micro-batches too): every rank
+    accumulates the same scores and picks the same subnetwork, the one a single process would pick from the same
+    global batches. ``calibrate`` instead sums each rank's own squared batch gradients; the two estimators differ by
+    design (Σ (mean g)² here, Σ g_b² there). Under FSDP the same averaged gradient arrives as each rank's shard;
+    the shards' scores are gathered at each stage switch, so the subnetwork is again the same on every rank.
     """
 
     prefix: str = "dps_"

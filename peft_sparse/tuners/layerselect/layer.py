@@ -78,6 +78,11 @@ class LayerSelectLayer(SparseTunerLayer):
         }
         return functional_call(base, params, (x, *args), kwargs)
 
+    def base_layer_can_be_fsdp_unit(self) -> bool:
+        # A full-precision base runs through functional_call with summed parameters, which FSDP's gather around the
+        # base layer's own forward would overwrite; a quantized base runs its own forward.
+        return self.is_quantized
+
     def get_delta_weight(self, adapter_name: str) -> Optional[torch.Tensor]:
         delta = self.layerselect_delta[adapter_name].get("weight")
         if delta is None or not is_linear(self.get_base_layer()):

@@ -10,6 +10,7 @@ from peft.config import PeftConfig
 from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
+from peft_sparse import distributed
 from peft_sparse.modules import dense_weight, find_layer_stack, is_linear
 from peft_sparse.tuners.base import CalibrationSession, SparseTunerModel, shallow_with
 
@@ -140,14 +141,13 @@ class _PrimingSession(CalibrationSession):
         return params
 
     def step(self) -> None:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if distributed.world_size() > 1:
+            # Data-parallel priming: the ranks' gradients averaged (formed on rank 0 and broadcast, so every rank
+            # takes the same AdamW step), as DDP would average them.
             for p in self.params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-                p.grad /= dist.get_world_size()
+            distributed.reduce_to_all([p.grad for p in self.params], average=True)
         self.optimizer.step()
         for p in self.params:
             p.grad = None

@@ -53,6 +53,7 @@ class SparseMaskLayer(SparseTunerLayer):
         self.num_pruned: dict[str, int] = {}
         self.budgets: dict[str, tuple[float, int]] = {}  # delta mode: (density, block size)
         self.pending: set[str] = set()  # adapters whose support waits for calibration
+        self.score_dtypes: dict[str, torch.dtype] = {}  # mask mode: the stored scores' dtype (see _apply)
         self.fisher: Optional[torch.Tensor] = None  # Σ (∂L/∂W)², accumulated while calibrating
         self._probe_anchor: Optional[torch.Tensor] = None
         self.out_features, self.in_features = linear_shape(base_layer)
@@ -114,8 +115,18 @@ class SparseMaskLayer(SparseTunerLayer):
         delta.values.requires_grad_(requires_grad)
         delta.set_support(candidates, values=scores)
         self.sparsemask_delta[adapter_name] = delta
+        self.score_dtypes[adapter_name] = delta.values.dtype
         self.sparsemask_base_values[adapter_name] = base_values.to(device)
         self.num_pruned[adapter_name] = num_pruned
+
+    def _apply(self, fn, recurse: bool = True):
+        # model.to(dtype) / .half() change the stored scores' dtype for good (training and saving both see it);
+        # only a cast that happens in the forward alone (FSDP mixed precision) is refused in delta_values.
+        result = super()._apply(fn, recurse)
+        for adapter in self.score_dtypes:
+            if adapter in self.sparsemask_delta:
+                self.score_dtypes[adapter] = self.sparsemask_delta[adapter].values.dtype
+        return result
 
     # ----------------------------------------------------------------------------------------- compute
     def delta_values(self, adapter_name: str) -> torch.Tensor:
@@ -123,6 +134,14 @@ class SparseMaskLayer(SparseTunerLayer):
         delta = self.sparsemask_delta[adapter_name]
         if self.modes[adapter_name] == "delta":
             return delta.values
+        if delta.values.dtype != self.score_dtypes.get(adapter_name, delta.values.dtype):
+            raise ValueError(
+                f"mode='mask' scores of {self.shape} cast from {self.score_dtypes[adapter_name]} to "
+                f"{delta.values.dtype} in the forward (FSDP's MixedPrecisionPolicy(param_dtype={delta.values.dtype}) "
+                "does this): the hard top-k of the cast scores picks another mask than the one training and "
+                "save_pretrained read from the stored scores. Use param_dtype=None (or float32) for the FSDP "
+                "units that hold mask-mode layers."
+            )
         return sparse.mask_delta_values(
             delta.values, self.sparsemask_base_values[adapter_name], self.num_pruned[adapter_name]
         )
@@ -182,7 +201,10 @@ class SparseMaskLayer(SparseTunerLayer):
         prefix = f"{key}.sparsemask_delta.{adapter_name}"
         values = entries.pop(f"{prefix}.values")
         if self.modes[adapter_name] == "mask":
-            entries.update(storage.mask_entries(prefix, self.pruned_indices(adapter_name), self.shape))
+            # The mask from the collected scores (under FSDP the gathered ones: the layer's own are shards).
+            delta = self.sparsemask_delta[adapter_name]
+            keep = sparse.hard_keep_mask(values.to(delta.indices.device), self.num_pruned[adapter_name])
+            entries.update(storage.mask_entries(prefix, delta.indices[keep == 0], self.shape))
             return
         block_size = self.budgets[adapter_name][1]
         indices = self.sparsemask_delta[adapter_name].indices
