@@ -282,6 +282,24 @@ def calibration(out: str, accelerator: Accelerator, name: str, engine: str) -> N
         return {"batches_used": used, "wrapped": wrapped}
 
 
+def dps_without_gradients(accelerator: Accelerator) -> None:
+    @scenario("refuse-dps-without-gradients")
+    def run():
+        arch, config = S.TUNERS["dps"]
+        model = S.build(arch, config())
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=S.LR)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        model.train()
+        accelerator.backward(model(**S.rank_rows(S.global_batch(arch, 0), RANK)).loss)
+        optimizer.step()
+        optimizer.zero_grad()  # what an engine that keeps the reduced gradients elsewhere (DeepSpeed ZeRO) leaves
+        try:
+            find_tuner(model).update_and_allocate(0)
+        except ValueError as error:
+            return {"refused": str(error)}
+        return {"refused": None}
+
+
 def calibration_after_wrapping(accelerator: Accelerator, engine: str) -> None:
     @scenario(f"refuse-calibrate-after-{engine}")
     def run():
@@ -323,6 +341,7 @@ def main(out: str) -> None:
         fsdp_refused("layerselect", "base")
         fsdp_refused("sparsemask-mask", "mp-mask")
         fsdp_more_refusals()
+        dps_without_gradients(accelerator)
         calibration_after_wrapping(accelerator, "ddp")
         calibration_after_wrapping(accelerator, "fsdp")
     if wanted("ddp"):

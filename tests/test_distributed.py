@@ -171,6 +171,7 @@ REFUSALS = {
     "refuse-mp-mask-sparsemask-mask": r"mode='mask' scores .* MixedPrecisionPolicy\(param_dtype=torch.bfloat16\)",
     "refuse-merge-sparsemask": r"Cannot merge .*FSDP shards",
     "refuse-dps-schedule-checkpoint": r"save_schedule_state=True\) while FSDP shards",
+    "refuse-dps-without-gradients": r"found no gradients under 2 processes.*DeepSpeed ZeRO",
     "refuse-calibrate-after-ddp": r"already prepared for data parallelism \(DistributedDataParallel\)",
     "refuse-calibrate-after-fsdp": r"already prepared for data parallelism \(fully_shard\)",
 }

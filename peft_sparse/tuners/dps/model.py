@@ -12,6 +12,7 @@ from peft.utils import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from torch import nn
 
 from peft_sparse.modules import head_module_names, is_norm, is_under
+from peft_sparse import distributed
 from peft_sparse.tuners.base import SparseTunerModel
 
 from .layer import DPSLayer
@@ -93,6 +94,16 @@ class DPSModel(SparseTunerModel):
             stage_length = self.peft_config[adapter].stage_length()
             in_stage_one = layers[0].states[adapter].stage == 1
             if in_stage_one and not any(layer.has_gradient(adapter) for layer in layers):
+                if distributed.world_size() > 1:
+                    # DDP and FSDP always leave the averaged gradient in .grad here: none means an engine that
+                    # keeps it elsewhere, and the stage-II subnetwork would be chosen from empty scores.
+                    raise ValueError(
+                        f"DPS adapter {adapter!r}: update_and_allocate({global_step}) found no gradients under "
+                        f"{distributed.world_size()} processes. DPS scores its entries from .grad after the optimizer "
+                        "step: DeepSpeed ZeRO keeps the reduced gradients in its own partitions (train DPS with DDP "
+                        "or FSDP), and a loop that zeroes them first must call update_and_allocate before "
+                        "optimizer.zero_grad()."
+                    )
                 self._warn_once(
                     f"no-grad:{adapter}",
                     f"DPS adapter {adapter!r}: update_and_allocate({global_step}) found no gradients, so this step "

@@ -73,9 +73,16 @@ class LayerSelectLayer(SparseTunerLayer):
             weight = deltas["weight"]
             return result + F.linear(x.to(weight.dtype), weight, deltas.get("bias")).to(result.dtype)
         base = self.get_base_layer()
-        params = {
-            name: p + deltas[name].to(p.dtype) for name, p in base.named_parameters(recurse=False) if name in deltas
-        }
+        own = dict(base.named_parameters(recurse=False))
+        empty = [name for name in deltas if name in own and own[name].numel() != deltas[name].numel()]
+        if empty:
+            raise ValueError(
+                f"LayerSelect adds its deltas to the base parameters {empty} of {type(base).__name__}, which hold "
+                f"{[own[n].numel() for n in empty]} entries here: a partitioning engine that gathers parameters "
+                "only inside their module's own forward left them partitioned (DeepSpeed ZeRO-3). Train LayerSelect "
+                "with DDP, FSDP or ZeRO-2."
+            )
+        params = {name: p + deltas[name].to(p.dtype) for name, p in own.items() if name in deltas}
         return functional_call(base, params, (x, *args), kwargs)
 
     def base_layer_can_be_fsdp_unit(self) -> bool:
