@@ -251,3 +251,17 @@ def test_loading_a_checkpoint_of_another_shape_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="does not fit"):
         PeftModel.from_pretrained(wider, tmp_path)
     assert_unchanged(wider, before)
+
+
+def test_mask_mode_cast_whole_to_bfloat16_trains_and_saves_the_mask_it_trains(tmp_path):
+    # Only a cast in the forward alone (FSDP mixed precision) is refused; a model cast as a whole keeps its scores
+    # in one dtype for training and saving.
+    model = get_peft_model(make_model("bert"), SparseMaskConfig(task_type="SEQ_CLS", mode="mask", sparsity=0.1))
+    model = model.to(torch.bfloat16)
+    train_steps(model, make_batch("bert"), steps=2)
+    layer = next(m for m in model.modules() if hasattr(m, "score_dtypes"))
+    assert layer.score_dtypes["default"] == torch.bfloat16
+    expected = logits(model, make_batch("bert"))
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(make_model("bert").to(torch.bfloat16), tmp_path).eval()
+    torch.testing.assert_close(logits(loaded, make_batch("bert")), expected)
