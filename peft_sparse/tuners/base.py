@@ -564,8 +564,8 @@ class SparseTunerModel(BaseTuner):
         Called by every forward under ``torch.distributed`` (FSDP2 itself finishes its set-up lazily at the first
         forward; neither ``fully_shard`` nor ``accelerator.prepare`` has a hook for a plugin's checks), and callable
         right after ``fully_shard`` / ``accelerator.prepare``. Refused: an FSDP unit strictly inside a tuner layer
-        (an adapter container, ``SparseDelta``, or a base layer whose parameters the layer reads itself), which an
-        ``auto_wrap_policy`` reaching into tuner layers creates (e.g. Accelerate's ``SIZE_BASED_WRAP`` with a small
+        (an adapter container, ``SparseDelta``, or a base layer whose parameters the layer reads itself), which a
+        wrap policy reaching into tuner layers creates (e.g. a size-based choice of units with a small
         ``min_num_params``): FSDP gathers a unit's parameters only around that unit's own forward, and those are
         read outside it.
         """
@@ -578,9 +578,9 @@ class SparseTunerModel(BaseTuner):
                 f"This FSDP setting cannot work with {type(self).__name__}: {shown}. FSDP gathers a unit's parameters "
                 "only around that unit's own forward, and peft_sparse tuner layers read their adapter (and, for "
                 "LayerSelect, base) parameters themselves. Shard whole tuner layers, transformer blocks or the model: "
-                "fully_shard each block and then the model, or in Accelerate fsdp_auto_wrap_policy="
-                "TRANSFORMER_BASED_WRAP or NO_WRAP (SIZE_BASED_WRAP only with a min_num_params above the size of "
-                "every adapter container)."
+                "fully_shard each block and then the model (Accelerate: fsdp_auto_wrap_policy=TRANSFORMER_BASED_WRAP, "
+                "or NO_WRAP), and never a module inside a tuner layer (a size-based policy with a small "
+                "min_num_params picks those)."
             )
 
     def forward(self, *args: Any, **kwargs: Any):
