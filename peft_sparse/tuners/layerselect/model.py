@@ -44,9 +44,13 @@ class LayerSelectModel(SparseTunerModel):
         if config.layers is None:
             if isinstance(config.target_modules, list):  # checked now: calibrate() injects later
                 in_stack = [k for k, _ in self._base_modules(model) if block_index(k, stack_name) is not None]
-                missing = [t for t in config.target_modules if not any(k == t or k.endswith("." + t) for k in in_stack)]
+                if not any(k == t or k.endswith("." + t) for t in config.target_modules for k in in_stack):
+                    raise ValueError(f"target_modules {config.target_modules} match no module in the blocks of "
+                                     f"{stack_name}")
+                every = [k for k, _ in model.named_modules()]
+                missing = [t for t in config.target_modules if not any(k == t or k.endswith("." + t) for k in every)]
                 if missing:
-                    raise ValueError(f"target_modules {missing} match no module in the blocks of {stack_name}")
+                    raise ValueError(f"target_modules {missing} match no module of {type(model).__name__}")
             return shallow_with(config, target_modules=DUMMY_TARGET_MODULES)  # injected by calibrate()
         out_of_range = [i for i in config.layers if i >= len(stack)]
         if out_of_range:

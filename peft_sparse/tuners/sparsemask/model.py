@@ -29,12 +29,12 @@ class SparseMaskModel(SparseTunerModel):
         super()._validate_targets(model, config)
         if config.mode != "delta" or config.block_size == 1:
             return
-        # A block size close to a layer's size makes one block cover most of it: refuse rather than train far
-        # more than the density asked for.
+        # A block size close to a layer's size makes one block cover most of it: refuse rather than train most of
+        # a layer when a small density was asked for (at least one block is always trained).
         for name, module in self._targeted_modules(model, config).items():
             shape = linear_shape(module)
             fraction = trained_fraction(config.density, shape, config.block_size)
-            if fraction >= 0.5 > config.density:
+            if fraction > max(0.5, 4 * config.density):
                 raise ValueError(
                     f"block_size={config.block_size} with density={config.density} would train {fraction:.0%} of "
                     f"{name} ({shape[0]}×{shape[1]}): one block is too large for it. Use a smaller block_size."
