@@ -80,7 +80,7 @@ LR_GRID: dict[str, list[float]] = {
     "full": [2e-5, 5e-5, 1e-4],
     "learner-lora-seventh": [3e-4, 1e-3, 3e-3],
     "learner-lora-equal": [3e-4, 1e-3, 3e-3],
-    **{f"mask-{int(100 * s)}pct-{c}": [1e-2, 1e-1, 1.0] for s in (0.01, 0.05, 0.1) for c in ("2x", "all")},
+    **{f"mask-{int(100 * s)}pct-{c}": [1e-2, 5e-2, 2e-1] for s in (0.01, 0.05, 0.1) for c in ("2x", "all")},
     **{f"layerselect-{how}-{k}": [2e-5, 5e-5, 1e-4] for how in ("grad", "ftdist", "random", "top") for k in (1, 2)},
 }
 

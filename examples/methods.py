@@ -35,10 +35,12 @@ MPNET_TARGETS = ["q", "k", "v", "o", "dense"]
 BERT_BLOCK_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 
 #: Learning rate per method when none is given. Sparse increments (SparseMask, SHiRA) train few entries from
-#: zero and need a larger step than LoRA (on MiniLM, 1% density at 5e-4 barely moved the loss in one epoch).
+#: zero and need a larger step than LoRA (on MiniLM, 1% density at 5e-4 barely moved the loss in one epoch). Mask
+#: mode's scores move about lr per AdamW step: at 5e-3 the initial magnitude mask hardly changes, 5e-2 learns
+#: (benchmarks/mask_study.md).
 DEFAULT_LR: dict[str, float] = {
     "full": 5e-5, "lora": 5e-4, "shira": 5e-3, "bitfit": 1e-3, "layerselect": 1e-4,
-    "sparsemask": 5e-3, "mask": 5e-3, "dps": 5e-5, "learner": 1e-4,
+    "sparsemask": 5e-3, "mask": 5e-2, "dps": 5e-5, "learner": 1e-4,
 }
 
 METHODS = tuple(DEFAULT_LR)
