@@ -9,6 +9,7 @@ BSR, and the Triton entry kernels; ``benchmarks/RESULTS.md``), so there they use
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -25,6 +26,21 @@ def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape) -> 
         return torch.sparse_csr_tensor(crow, col, values, size=tuple(shape))
 
 
+def _outside_autocast(fn):
+    """Run ``fn`` with autocast off: under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (the Trainer's and TRL's
+    ``bf16=True``) autocast would cast the CSR operands to bf16, which the CPU sparse kernels do not implement. The
+    dtypes are chosen explicitly below instead (``_compute_dtype``)."""
+
+    @functools.wraps(fn)
+    def wrapper(first: torch.Tensor, *args, **kwargs):
+        if not torch.is_autocast_enabled(first.device.type):
+            return fn(first, *args, **kwargs)
+        with torch.autocast(first.device.type, enabled=False):
+            return fn(first, *args, **kwargs)
+
+    return wrapper
+
+
 def _compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """CPU sparse kernels have fp32/fp64 implementations only: half precision is computed in fp32."""
     if device.type == "cpu" and dtype not in (torch.float32, torch.float64):
@@ -37,6 +53,7 @@ def _dense(layout: SparseLayout, values: torch.Tensor, dtype: torch.dtype) -> to
     return flat.index_add_(0, layout.indices, values.to(dtype)).view(layout.shape)
 
 
+@_outside_autocast
 def spmm(x: torch.Tensor, values: torch.Tensor, layout: SparseLayout) -> torch.Tensor:
     """``x @ ΔWᵀ`` for 2-D ``x`` ``(tokens, in)``; the result may be a transposed view."""
     if x.is_cuda:
@@ -46,6 +63,7 @@ def spmm(x: torch.Tensor, values: torch.Tensor, layout: SparseLayout) -> torch.T
     return (matrix @ x.to(dtype).T.contiguous()).T
 
 
+@_outside_autocast
 def spmm_t(grad: torch.Tensor, values: torch.Tensor, layout: SparseLayout) -> torch.Tensor:
     """``grad @ ΔW`` for 2-D ``grad`` ``(tokens, out)``; the result may be a transposed view."""
     if grad.is_cuda:
@@ -55,6 +73,7 @@ def spmm_t(grad: torch.Tensor, values: torch.Tensor, layout: SparseLayout) -> to
     return (transposed @ grad.to(dtype).T.contiguous()).T
 
 
+@_outside_autocast
 def sddmm(grad_out: torch.Tensor, x: torch.Tensor, layout: SparseLayout) -> torch.Tensor:
     """fp32 ``(grad_outᵀ @ x)`` at the support, in the values' (row-major) order."""
     if layout.nnz == 0 or grad_out.shape[0] == 0:
