@@ -93,10 +93,11 @@ def calibrate(model: nn.Module, batches: Iterable[Mapping[str, Any]], num_batche
     distributed.sync_module_from_rank0(tuner.model)  # every rank measures the model DDP would train
     model.train()
     tuner._calibrating = True
-    session = tuner._begin_calibration(pending)
+    session = None
     several = distributed.world_size() > 1
     progress = tqdm(total=total, desc="calibrating", leave=False)
     try:
+        session = tuner._begin_calibration(pending)  # may refuse (a clear error): the finally still cleans up
         iterator = iter(islice(batches, num_batches))
         while True:
             batch = next(iterator, None)
@@ -128,7 +129,8 @@ def calibrate(model: nn.Module, batches: Iterable[Mapping[str, Any]], num_batche
         session.finish()
     finally:
         progress.close()
-        session.close()
+        if session is not None:
+            session.close()
         tuner._calibrating = False
         model.train(was_training)
         for param in model.parameters():

@@ -150,8 +150,10 @@ class SparseTunerLayer(nn.Module, BaseTunerLayer):
         return self.quantization_backend is not None
 
     def adapter_dtype(self) -> torch.dtype:
-        """The dtype adapters train in: fp32 on quantized bases (their own dtype is not a float one), otherwise the
-        base weight's dtype (so bf16 bases train bf16 values; use autocast with an fp32 base for fp32 values)."""
+        """The dtype adapters are created in: fp32 on quantized bases (their own dtype is not a float one), otherwise
+        the base weight's dtype. ``get_peft_model(..., autocast_adapter_dtype=True)``, PEFT's default, then upcasts
+        bf16/fp16 values to fp32 (``SparseTunerModel._cast_adapter_dtype``); with ``False`` they train in the
+        base's dtype."""
         if self.is_quantized:
             return torch.float32
         weight = getattr(self.get_base_layer(), "weight", None)
@@ -296,6 +298,20 @@ class SparseTunerModel(BaseTuner):
     def tuner_layers(self) -> list[tuple[str, SparseTunerLayer]]:
         """``(name, layer)`` of every layer of this tuner in the model."""
         return [(n, m) for n, m in self.model.named_modules() if isinstance(m, self.tuner_layer_cls)]
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        # PEFT calls this once an adapter is built (``get_peft_model(..., autocast_adapter_dtype=True)``, the
+        # default, upcasts bf16/fp16 adapter values to fp32). The choice is kept so that values created later, by
+        # calibration (LayerSelect's blocks), follow it too.
+        if not hasattr(self, "_autocast_adapter_dtype"):
+            self._autocast_adapter_dtype: dict[str, bool] = {}
+        self._autocast_adapter_dtype[adapter_name] = autocast_adapter_dtype
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+
+    def _recast_adapter_dtype(self, adapter_name: str) -> None:
+        """Apply the adapter's dtype choice (see ``_cast_adapter_dtype``) to values created after injection."""
+        choice = getattr(self, "_autocast_adapter_dtype", {}).get(adapter_name, True)
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=choice)
 
     # ------------------------------------------------------------------------------------------- injection
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:

@@ -89,6 +89,7 @@ class LayerSelectModel(SparseTunerModel):
             self._create_and_replace(config, adapter_name, target, target_name, parent, current_key=key)
             if key not in self.targeted_module_names:
                 self.targeted_module_names.append(key)
+        self._recast_adapter_dtype(adapter_name)  # fp32 deltas on half-precision blocks, as get_peft_model makes them
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
         self._mark_only_adapters_as_trainable(self.model)
 

@@ -53,7 +53,8 @@ class LearnerLayer(SparseTunerLayer):
         increments are kept (after priming), otherwise they start at zero."""
         base = self.get_base_layer()
         device = base.weight.device
-        dtype = self.adapter_dtype()
+        # Keep the adapter's dtype (fp32 after get_peft_model's autocast_adapter_dtype upcast) when it exists.
+        dtype = self.learner_weight[adapter_name].dtype if adapter_name in self.learner_weight else self.adapter_dtype()
         nodes = nodes.to(device=device, dtype=torch.int64)
         weight = torch.zeros((len(nodes), self.in_features) if self.role == "up" else (self.out_features, len(nodes)),
                              dtype=dtype, device=device)

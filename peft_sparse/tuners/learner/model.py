@@ -112,6 +112,13 @@ class _PrimingSession(CalibrationSession):
         self.tuner = tuner
         self.adapter_names = adapter_names
         self.finished = False
+        half = [a for a in adapter_names for _, down in tuner.ffns(a) if down.learner_weight[a].dtype == torch.float16]
+        if half:
+            raise ValueError(
+                f"Learner priming of adapter(s) {sorted(set(half))} would run AdamW on float16 values, which gives NaNs "
+                "(Adam's eps and squared gradients underflow in float16). Keep get_peft_model's default "
+                "autocast_adapter_dtype=True (fp32 values on half-precision bases), or use priming_steps=0."
+            )
         for adapter in adapter_names:
             for ups, down in tuner.ffns(adapter):
                 every_node = torch.arange(down.num_nodes)
