@@ -35,10 +35,11 @@ def tiny_gpt2(num_layers: int = 3) -> torch.nn.Module:
     return GPT2LMHeadModel(cfg)
 
 
-def tiny_llama(num_layers: int = 3) -> torch.nn.Module:
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=num_layers,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
-    return LlamaForCausalLM(cfg)
+def tiny_llama(num_layers: int = 3, **overrides) -> torch.nn.Module:
+    settings = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=num_layers,
+                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    settings.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**settings))
 
 
 ARCHS = {
@@ -103,3 +104,32 @@ def assert_unchanged(model: torch.nn.Module, before: dict) -> None:
     for name, (value, flag) in before["params"].items():
         assert torch.equal(after["params"][name][0], value), name
         assert after["params"][name][1] == flag, name
+
+
+#: A ChatML template (SmolLM2's, without its default system turn), so that chat-formatted tests stay short.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def tiny_tokenizer():
+    """A character-level tokenizer with a ChatML chat template whose ids fit the tiny models' ``VOCAB`` (built in
+    memory, no download): lower-case letters, digits, space, newline and some punctuation, one token each."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789 \n.,!?'-:")
+    vocab = {token: i for i, token in enumerate(specials + chars)}
+    assert len(vocab) <= VOCAB
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>",
+        bos_token="<|im_start|>", additional_special_tokens=["<|im_start|>"],
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
