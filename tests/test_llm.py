@@ -273,6 +273,27 @@ def test_generate_and_merge_on_quantized_bases(llama_dir, bits, tuner):
                                atol={8: 0.02, 4: 0.2}[bits])
 
 
+def test_eval_forwards_leave_a_4bit_weight_readable_for_merging(llama_dir):
+    """bitsandbytes repacks CPU 4-bit weights at the first eval forward on AVX512-BF16 CPUs, after which they no
+    longer dequantize to the layer's weight: wrapped layers opt out, so merging after generate stays right."""
+    base = load_quantized(llama_dir, 4)
+    if not base.model.layers[0].mlp.down_proj.support_avx512bf16_for_cpu:
+        pytest.skip("bitsandbytes repacks 4-bit weights only on CPUs with AVX512-BF16")
+    model = get_peft_model(base, SparseMaskConfig(task_type="CAUSAL_LM", density=0.05))
+    layer = model.base_model.model.model.layers[0].mlp.down_proj
+    weight = layer.get_base_weight().clone()
+    train_hard(model, make_batch("llama"), steps=2, lr=1e-2)  # ends in eval mode
+    batch = make_batch("llama")
+    with torch.no_grad():
+        model(**batch)  # an eval-mode forward: where bitsandbytes would repack
+    torch.testing.assert_close(layer.get_base_weight(), weight, rtol=0, atol=0)
+    model.train()
+    with torch.no_grad():
+        trained = model(**batch).logits
+        merged = model.merge_and_unload()(**batch).logits
+    torch.testing.assert_close(merged, trained, rtol=0, atol=0.2)
+
+
 # ------------------------------------------------------------------------------------------ half precision
 
 

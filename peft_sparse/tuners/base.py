@@ -108,6 +108,7 @@ class SparseTunerLayer(nn.Module, BaseTunerLayer):
         self.base_layer = base_layer
         # PEFT's backend for quantized layers (bitsandbytes 8/4-bit...): dequantize / re-quantize on merge.
         self.quantization_backend = resolve_quantization_backend(base_layer)
+        _keep_bnb_4bit_weight_readable(base_layer)
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._active_adapter = adapter_name
@@ -277,6 +278,27 @@ class SparseTunerLayer(nn.Module, BaseTunerLayer):
 
 
 # ------------------------------------------------------------------------------------------------ tuner model
+
+
+def _keep_bnb_4bit_weight_readable(layer: nn.Module) -> None:
+    """Stop bitsandbytes from repacking a CPU ``Linear4bit`` weight for its bf16 inference kernel.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks a ``Linear4bit`` weight in place at its first eval-mode,
+    no-grad forward. The repacked weight no longer dequantizes to the layer's weight (``dequantize_4bit`` reads it
+    as the usual layout; off by 0.1 on a 0.02-scale weight), and converting it back is lossy. Every tuner reads
+    the dequantized weight: magnitude supports and masks, Learner selection, ``merge_and_unload``. So a wrapped
+    layer keeps the standard layout (its eval forward takes bitsandbytes' generic 4-bit path); a layer that was
+    already repacked (an eval forward before ``get_peft_model``) is converted back, as bitsandbytes' own
+    ``state_dict`` does.
+    """
+    if not hasattr(layer, "support_avx512bf16_for_cpu"):
+        return
+    layer.support_avx512bf16_for_cpu = False
+    weight = layer.weight
+    if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
+        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
 
 
 class SparseTunerModel(BaseTuner):
