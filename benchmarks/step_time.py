@@ -17,7 +17,9 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import AutoModelForSequenceClassification
@@ -61,11 +63,37 @@ def make_batch(batch_size: int, length: int, vocab: int) -> dict[str, torch.Tens
 
 
 def step(model, optimizer, batch) -> float:
+    """One timed training step: forward, backward, optimizer step (if anything trains), zero_grad."""
     start = time.perf_counter()
     model(**batch).loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    if optimizer is not None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     return time.perf_counter() - start
+
+
+def interleaved_times(steppers: dict[str, Callable[[], float]], rounds: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Call every stepper once per round, always in the same order (A, B, C, A, B, C, ...), so that slow phases of a
+    shared machine hit every method alike; return each one's times after ``warmup`` rounds."""
+    times: dict[str, list[float]] = {name: [] for name in steppers}
+    for round_ in range(warmup + rounds):
+        for name, stepper in steppers.items():
+            elapsed = stepper()
+            if round_ >= warmup:
+                times[name].append(elapsed)
+    return times
+
+
+def json_of_fresh_process(argv: list[str]) -> dict:
+    """Run ``python *argv`` in a fresh process and return the JSON object on the last line of its stdout.
+
+    Start these before this process builds any model: Linux keeps ``ru_maxrss`` across fork+exec, so a child
+    started after this process peaked would report this process's peak instead of its own.
+    """
+    out = subprocess.run([sys.executable, *argv], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def run_alone(method: str, args) -> dict:
@@ -84,12 +112,10 @@ def run_alone(method: str, args) -> dict:
 
 def measure_alone(method: str, args) -> dict:
     """Run ``method`` alone in a fresh process (6 steps) and return its report, peak RSS included."""
-    out = subprocess.run(
-        [sys.executable, __file__, "--alone", method, "--model", args.model, "--steps", "6",
-         "--batch-size", str(args.batch_size), "--length", str(args.length), "--threads", str(args.threads)],
-        capture_output=True, text=True, check=True,
+    return json_of_fresh_process(
+        [__file__, "--alone", method, "--model", args.model, "--steps", "6", "--batch-size", str(args.batch_size),
+         "--length", str(args.length), "--threads", str(args.threads)]
     )
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> None:
@@ -131,12 +157,7 @@ def main(argv=None) -> None:
         for m, model in models.items()
     }
     batch = make_batch(args.batch_size, args.length, next(iter(models.values())).config.vocab_size)
-    times: dict[str, list[float]] = {m: [] for m in methods}
-    for round_ in range(args.steps + 2):
-        for m in methods:
-            elapsed = step(models[m], optimizers[m], batch)
-            if round_ >= 2:  # warm-up rounds
-                times[m].append(elapsed)
+    times = interleaved_times({m: partial(step, models[m], optimizers[m], batch) for m in methods}, args.steps)
     rows = {m: {"method": m, "trainable": trainable_entries(models[m]), "median_step_s": statistics.median(times[m])}
             for m in methods}
     for m in memory:
