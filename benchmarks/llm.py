@@ -187,6 +187,14 @@ def model_path(args) -> str:
     return str(example.smollm2_folder(args.cache_dir)) if args.model == "smollm2" else args.model
 
 
+def convert_in_fresh_process(args) -> str:
+    """The model folder, converting SmolLM2 (once) in a child process: done here, the conversion's peak RSS
+    would be inherited by every memory run started afterwards."""
+    if args.model != "smollm2":
+        return args.model
+    return json_of_fresh_process([__file__, "--convert", *common_argv(args)])["path"]
+
+
 def tokenizer_of(args):
     tokenizer = AutoTokenizer.from_pretrained(model_path(args))
     if tokenizer.pad_token is None:
@@ -397,6 +405,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-samples", type=int, default=200)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--alone", help=argparse.SUPPRESS)  # internal: NAME@BASE, JSON to stdout
+    p.add_argument("--convert", action="store_true", help=argparse.SUPPRESS)  # internal: SmolLM2's folder
     return p.parse_args(argv)
 
 
@@ -406,14 +415,17 @@ def main(argv=None) -> None:
     if args.alone:
         print(json.dumps(measure_alone(args)))
         return
+    if args.convert:
+        print(json.dumps({"path": model_path(args)}))
+        return
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if args.report:
         saved = json.loads((out / "llm.json").read_text())
         write_outputs(args, saved["results"], saved["settings"])
         return
-    settings = {k: v for k, v in vars(args).items() if k not in ("alone", "report")}
-    settings.update(bases=args.bases.split(","), model=model_path(args), torch=torch.__version__,
+    settings = {k: v for k, v in vars(args).items() if k not in ("alone", "convert", "report")}
+    settings.update(bases=args.bases.split(","), model=convert_in_fresh_process(args), torch=torch.__version__,
                     machine=f"{platform.processor() or platform.machine()}, {platform.system()}",
                     command="python benchmarks/llm.py " + shlex.join(sys.argv[1:] if argv is None else argv))
     results: dict[str, dict] = {}

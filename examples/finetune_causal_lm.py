@@ -30,7 +30,6 @@ import json
 import resource
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 
