@@ -32,13 +32,13 @@ import argparse
 import importlib.util
 import itertools
 import json
+import os
 import platform
 import shlex
 import statistics
 import subprocess
 import sys
 import time
-from argparse import Namespace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -93,8 +93,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 BASES = ("fp32", "4bit")
 FLOOR = "floor"
 #: examples/finetune_causal_lm.py's flag of each option.
-FLAGS = {"r": "--r", "density": "--density", "match_lora_r": "--match-lora-r", "block_size": "--block-size",
-         "sparsity": "--sparsity", "priming_steps": "--priming-steps"}
+FLAGS = {"r": "--lora_r", "density": "--density", "match_lora_r": "--match_lora_r", "block_size": "--block_size",
+         "sparsity": "--sparsity", "priming_steps": "--priming_steps"}
 
 
 def runs(args) -> list[tuple[str, str]]:
@@ -111,8 +111,9 @@ def runs(args) -> list[tuple[str, str]]:
 
 def load_base(args, base: str):
     """The base model (fp32, or 4-bit through the example's QLoRA loading) and its tokenizer."""
-    return example.load_model(Namespace(model=args.model, cache_dir=args.cache_dir, dtype="float32",
-                                        bits=4 if base == "4bit" else None, method="lora", gradient_checkpointing=False))
+    model_args = example.ModelArguments(model_name_or_path=args.model, cache_dir=args.cache_dir,
+                                        load_in_bits=4 if base == "4bit" else None)
+    return example.load_model(model_args)
 
 
 def fixed_batches(args, tokenizer) -> list[dict[str, torch.Tensor]]:
@@ -241,25 +242,26 @@ def quality_phase(args, results: dict) -> None:
             continue
         method, options = VARIANTS[name]
         key = f"{name}@{base}"
-        report = Path(args.out_dir) / "runs" / f"{key}.json"
-        report.parent.mkdir(parents=True, exist_ok=True)
-        argv = [str(ROOT / "examples" / "finetune_causal_lm.py"), "--method", method, *common_argv(args),
-                *[x for k, v in options.items() for x in (FLAGS[k], str(v))], "--max-steps", str(args.train_steps),
-                "--max-train-samples", str(args.train_samples), "--max-eval-samples", str(args.eval_samples),
-                "--batch-size", str(args.batch_size), "--max-length", str(args.length), "--threads",
-                str(args.threads), "--logging-steps", "1", "--num-generations", "2", "--seed", str(args.seed),
-                "--output-dir", str(Path(args.out_dir) / "runs" / key), "--json-out", str(report),
-                *(["--bits", "4"] if base == "4bit" else []),
-                *([] if first.setdefault(base, key) == key else ["--no-eval-before"])]
+        output_dir = Path(args.out_dir) / "runs" / key
+        argv = [str(ROOT / "examples" / "finetune_causal_lm.py"), "--method", method,
+                "--model_name_or_path", args.model, *(["--cache_dir", args.cache_dir] if args.cache_dir else []),
+                *(["--glue_dir", args.glue_dir] if args.glue_dir else []),
+                *[x for k, v in options.items() for x in (FLAGS[k], str(v))], "--max_steps", str(args.train_steps),
+                "--max_train_samples", str(args.train_samples), "--max_eval_samples", str(args.eval_samples),
+                "--per_device_train_batch_size", str(args.batch_size), "--max_seq_length", str(args.length),
+                "--logging_steps", "1", "--num_generations", "2", "--seed", str(args.seed),
+                "--output_dir", str(output_dir), *(["--load_in_bits", "4"] if base == "4bit" else []),
+                *([] if first.setdefault(base, key) == key else ["--no_eval_before"])]  # the base is scored once
         print(f"[quality] {key}: {shlex.join(argv[1:])}", flush=True)
         with open(logs / f"{key}.log", "w") as log:
-            done = subprocess.run([sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT)
+            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}  # torch's thread count in the example
+            done = subprocess.run([sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT, env=env)
         if done.returncode != 0:
             raise SystemExit(f"{key} failed; see {logs / f'{key}.log'}")
-        r = json.loads(report.read_text())
+        r = json.loads((output_dir / "report.json").read_text())
         results.setdefault(key, {}).update(
             score=r["score"], score_before=r["score_before"], loss_curve=r["loss_curve"], adapter_bytes=r["adapter_bytes"],
-            trained_entries=r["trainable_entries"], train_s=r["train_s"], generations=r["generations"])
+            trained_entries=r["trainable_params"], train_s=r["train_wall_s"], generations=r["generations"])
 
 
 # ---------------------------------------------------------------------------------------------------------- report

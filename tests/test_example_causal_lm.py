@@ -20,9 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load_example():
-    sys.path.insert(0, str(ROOT / "examples"))  # the example imports its sibling modules (methods, glue_data)
+    sys.path.append(str(ROOT / "examples"))  # the example imports its sibling modules (methods, glue_data...)
     spec = importlib.util.spec_from_file_location("finetune_causal_lm", ROOT / "examples" / "finetune_causal_lm.py")
-    module = importlib.util.module_from_spec(spec)
+    module = sys.modules["finetune_causal_lm"] = importlib.util.module_from_spec(spec)  # dataclasses look it up
     spec.loader.exec_module(module)
     return module
 
@@ -54,32 +54,32 @@ def glue_dir(tmp_path_factory):
 
 
 def run(tmp_path, model_dir, glue_dir, *extra) -> dict:
-    argv = ["--model", str(model_dir), "--glue-dir", str(glue_dir), "--max-length", "170", "--max-steps", "2",
-            "--max-eval-samples", "6", "--num-generations", "1", "--logging-steps", "1", "--output-dir",
-            str(tmp_path / "out"), "--json-out", str(tmp_path / "report.json"), *extra]
-    report = ex.run(ex.parse_args(argv))
-    assert json.loads((tmp_path / "report.json").read_text())["score"] == report["score"]
+    argv = ["--model_name_or_path", str(model_dir), "--glue_dir", str(glue_dir), "--max_seq_length", "170",
+            "--max_steps", "2", "--max_eval_samples", "6", "--num_generations", "1", "--logging_steps", "1",
+            "--output_dir", str(tmp_path / "out"), *extra]
+    report = ex.main(argv)
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["score"] == report["score"]
     return report
 
 
 def reload(tmp_path, model_dir):
-    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), tmp_path / "out" / "adapter")
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), tmp_path / "out")
 
 
 @pytest.mark.parametrize("argv, trainer", [
     (["--method", "sparsemask"], "SFTTrainer"),
     (["--method", "dps"], "SFTTrainer"),
-    (["--method", "layerselect", "--num-layers", "1"], "SFTTrainer"),
-    (["--method", "learner", "--priming-steps", "2", "--no-trl"], "Trainer"),
+    (["--method", "layerselect", "--num_layers", "1"], "SFTTrainer"),
+    (["--method", "learner", "--priming_steps", "2", "--no_use_trl"], "Trainer"),
 ], ids=["sparsemask-trl", "dps-trl", "layerselect-calibrated", "learner-primed-trainer"])
 def test_example_trains_every_kind_of_method(tmp_path, model_dir, glue_dir, argv, trainer):
     report = run(tmp_path, model_dir, glue_dir, *argv)
     assert report["trainer"] == trainer and report["metric"] == "answer_accuracy"
     assert 0 <= report["score"] <= 1 and 0 <= report["score_before"] <= 1
     assert report["num_steps"] == 2 and len(report["loss_curve"]) == 2 and report["train_loss"] > 0
-    assert 0 < report["trainable_entries"] and report["adapter_bytes"] > 0
+    assert 0 < report["trainable_params"] < report["total_params"] and report["adapter_bytes"] > 0
     assert len(report["generations"]["before"]) == len(report["generations"]["after"]) == 1
-    config = PeftConfig.from_pretrained(tmp_path / "out" / "adapter")
+    config = PeftConfig.from_pretrained(tmp_path / "out")
     assert config.peft_type.value.lower() == argv[1]
     if argv[1] == "dps":  # SparseTrainerCallback gave DPS the run's length
         assert reload(tmp_path, model_dir).peft_config["default"].total_step == 2
@@ -89,26 +89,27 @@ def test_example_trains_every_kind_of_method(tmp_path, model_dir, glue_dir, argv
 
 def test_example_matches_lora_trained_entries_and_is_smaller_on_disk(tmp_path, model_dir, glue_dir):
     """--match-lora-r trains LoRA r=8's entry count on the same targets; the sparse adapter file is smaller."""
-    report = run(tmp_path, model_dir, glue_dir, "--method", "sparsemask", "--match-lora-r", "8", "--no-eval-before")
+    report = run(tmp_path, model_dir, glue_dir, "--method", "sparsemask", "--match_lora_r", "8", "--no_eval_before")
     import methods  # examples/methods.py, the method factory the example uses
 
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     entries = methods.lora_entries(base, 8, methods.lora_targets(base), "CAUSAL_LM")
-    assert abs(report["trainable_entries"] - entries) / entries < 0.01
+    assert abs(report["trainable_params"] - entries) / entries < 0.01
     assert report["adapter_bytes"] < 6 * entries + 16_000  # 2-byte gap-coded index + fp32 value an entry
     assert report["score_before"] is None
 
 
 def test_example_on_a_4bit_base_with_gradient_checkpointing(tmp_path, model_dir, glue_dir):
-    report = run(tmp_path, model_dir, glue_dir, "--method", "sparsemask", "--bits", "4", "--gradient-checkpointing",
-                 "--block-size", "32", "--density", "0.25", "--no-eval-before", "--max-eval-samples", "2")
-    assert report["bits"] == 4 and report["num_steps"] == 2
-    assert reload(tmp_path, model_dir).peft_config["default"].block_size == 32
+    report = run(tmp_path, model_dir, glue_dir, "--method", "sparsemask", "--load_in_bits", "4",
+                 "--gradient_checkpointing", "--block_size", "16", "--density", "0.25", "--no_eval_before",
+                 "--max_eval_samples", "2")
+    assert report["load_in_bits"] == 4 and report["num_steps"] == 2
+    assert reload(tmp_path, model_dir).peft_config["default"].block_size == 16
 
 
 def test_example_full_fine_tuning_refuses_a_quantized_base(tmp_path, model_dir, glue_dir):
     with pytest.raises(SystemExit, match="full-precision base"):
-        run(tmp_path, model_dir, glue_dir, "--method", "full", "--bits", "4")
+        run(tmp_path, model_dir, glue_dir, "--method", "full", "--load_in_bits", "4")
 
 
 def test_example_trains_on_a_messages_dataset(tmp_path, model_dir):
@@ -117,9 +118,9 @@ def test_example_trains_on_a_messages_dataset(tmp_path, model_dir):
     rows = [{"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": w}]}
             for w in ["yes", "no", "maybe", "sure"] * 6]
     (data / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    report = ex.run(ex.parse_args([
-        "--model", str(model_dir), "--dataset", str(data), "--method", "bitfit", "--max-steps", "2",
-        "--max-eval-samples", "4", "--num-generations", "1", "--output-dir", str(tmp_path / "out")]))
+    report = ex.main(["--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--method", "bitfit",
+                      "--max_steps", "2", "--max_eval_samples", "4", "--num_generations", "1",
+                      "--output_dir", str(tmp_path / "out")])
     assert report["metric"] == "minus_heldout_loss" and report["score"] < 0 and report["num_train"] == 20
     assert len(report["generations"]["after"]) == 1
 
@@ -129,8 +130,8 @@ def test_example_names_a_dataset_without_usable_columns(tmp_path, model_dir):
     data.mkdir()
     (data / "train.jsonl").write_text(json.dumps({"question": "a", "answer": "b"}))
     with pytest.raises(SystemExit, match="neither a 'messages' nor a 'text' column"):
-        ex.run(ex.parse_args(["--model", str(model_dir), "--dataset", str(data), "--method", "bitfit",
-                              "--output-dir", str(tmp_path / "out")]))
+        ex.main(["--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--method", "bitfit",
+                 "--output_dir", str(tmp_path / "out")])
 
 
 # ----------------------------------------------------------------------------------------------- the real model
@@ -145,9 +146,10 @@ def test_smollm2_converts_once_and_fine_tunes(tmp_path):
         (folder / "config.json").read_text())
     assert ex.smollm2_folder(str(tmp_path / "cache")) == folder  # cached: no second conversion
     glue = ROOT.parents[0] / "shared" / "data" / "glue"
-    report = ex.run(ex.parse_args([
-        "--cache-dir", str(tmp_path / "cache"), "--method", "sparsemask", "--max-steps", "2", "--batch-size", "4",
-        "--max-train-samples", "16", "--max-eval-samples", "16", "--num-generations", "1",
-        "--output-dir", str(tmp_path / "out"), *(["--glue-dir", str(glue)] if glue.exists() else [])]))
-    assert report["trainable_entries"] > 10**5 and report["score_before"] >= 0.5  # the instruct model knows SST-2
+    report = ex.main([
+        "--cache_dir", str(tmp_path / "cache"), "--method", "sparsemask", "--max_steps", "2",
+        "--per_device_train_batch_size", "4", "--max_train_samples", "16", "--max_eval_samples", "16",
+        "--num_generations", "1", "--output_dir", str(tmp_path / "out"),
+        *(["--glue_dir", str(glue)] if glue.exists() else [])])
+    assert report["trainable_params"] > 10**5 and report["score_before"] >= 0.5  # the instruct model knows SST-2
     assert report["generations"]["before"][0]  # it answers something

@@ -145,9 +145,9 @@ QUANT = {
     8: lambda: BitsAndBytesConfig(load_in_8bit=True),
     4: lambda: BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32),
 }
-QUANT_TUNERS = {  # block sizes and densities for the 64-wide layers that bitsandbytes' CPU 4-bit path needs
+QUANT_TUNERS = {  # larger blocks on the 64-wide layers that bitsandbytes' CPU 4-bit path needs
     **TUNERS,
-    "sparsemask-block": lambda task: SparseMaskConfig(task_type=task, density=0.2, block_size=32),
+    "sparsemask-block": lambda task: SparseMaskConfig(task_type=task, density=0.25, block_size=16),
 }
 
 
