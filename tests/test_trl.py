@@ -129,7 +129,7 @@ def test_sft_trainer_without_calibration_refuses_to_train(tmp_path, name):
         trainer.train()
 
 
-@pytest.mark.parametrize("name", ["layerselect-calibrated", "sparsemask", "mask", "dps", "learner-primed"])
+@pytest.mark.parametrize("name", ["layerselect-calibrated", "sparsemask", "dps", "learner-primed"])
 def test_sft_trainer_on_a_4bit_base(tmp_path, name):
     """QLoRA-style: a bitsandbytes 4-bit base; TRL casts the trainable values to bf16 after get_peft_model."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
