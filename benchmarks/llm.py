@@ -277,7 +277,11 @@ def table(results: dict, settings: dict) -> str:
              f"Machine: {settings['machine']}; torch {settings['torch']}, {settings['threads']} threads. Step time: "
              f"{settings['repeats']} interleaved rounds after {settings['warmup']} warm-up, batches of "
              f"{settings['batch_size']} x {settings['length']} tokens; quality: {settings['train_steps']} steps of "
-             f"{settings['batch_size']} rows, accuracy on {settings['eval_samples']} SST-2 dev rows.", ""]
+             f"{settings['batch_size']} rows, accuracy on {settings['eval_samples']} SST-2 dev rows.", "",
+             "Trained entries count what the optimizer updates (mask: the scores of the candidates; DPS: the dense "
+             "increment). Learner priming (its calibrate steps, every FFN node trainable) runs before the budget; "
+             "peak RSS is the process's, loading the base included; 4-bit adapters are saved in bf16, the dtype "
+             "TRL's SFTTrainer trains them in on quantized bases.", ""]
     for base in settings["bases"]:
         rows = {k.split("@")[0]: v for k, v in results.items() if k.endswith("@" + base)}
         if not rows:
