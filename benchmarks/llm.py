@@ -18,7 +18,7 @@ Outputs in ``--out-dir``: ``llm.json`` (every measurement, written after each ph
 command), ``llm.png`` (loss curves; accuracy against step time), ``logs/``. ``--report`` rebuilds the table and the
 plot from ``llm.json``; ``--phases`` runs some of the three.
 
-    # the full measurement (a quiet machine: about 2-3 hours on 2 CPU cores)
+    # the full measurement (about 3 hours on 2 quiet CPU cores; most of it the 23 quality runs)
     python benchmarks/llm.py --glue-dir ../shared/data/glue --out-dir benchmarks/llm
 
     # check the pipeline end to end in minutes: few repeats, steps and rows, a few methods
