@@ -16,7 +16,8 @@ Three measurements, each made where it is fair:
 
 Outputs in ``--out-dir``: ``llm.json`` (every measurement, written after each phase), ``llm.md`` (tables, settings,
 command), ``llm.png`` (loss curves; accuracy against step time), ``logs/``. ``--report`` rebuilds the table and the
-plot from ``llm.json``; ``--phases`` runs some of the three.
+plot from ``llm.json``; ``--phases`` runs some of the three and adds them to the ``llm.json`` already there
+(``--fresh`` starts a new one).
 
     # the full measurement (about 3 hours on 2 quiet CPU cores; most of it the 23 quality runs)
     python benchmarks/llm.py --glue-dir ../shared/data/glue --out-dir benchmarks/llm
@@ -273,7 +274,7 @@ def fmt(value, spec: str, missing: str = "-") -> str:
 
 def table(results: dict, settings: dict) -> str:
     lines = [f"# LLM benchmark: {Path(settings['model']).name}", "",
-             f"Command: `{settings['command']}`", "",
+             *[f"Command: `{c}`" for c in settings.get("commands", [settings["command"]])], "",
              f"Machine: {settings['machine']}; torch {settings['torch']}, {settings['threads']} threads. Step time: "
              f"{settings['repeats']} interleaved rounds after {settings['warmup']} warm-up, batches of "
              f"{settings['batch_size']} x {settings['length']} tokens; quality: {settings['train_steps']} steps of "
@@ -397,6 +398,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--methods", default=None, help=f"comma-separated, default all: {','.join(VARIANTS)}")
     p.add_argument("--bases", default=",".join(BASES))
     p.add_argument("--phases", default="memory,timing,quality")
+    p.add_argument("--fresh", action="store_true", help="start a new llm.json instead of adding to the one there")
     p.add_argument("--report", action="store_true", help="only rebuild llm.md and llm.png from llm.json")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8)
@@ -430,11 +432,20 @@ def main(argv=None) -> None:
         saved = json.loads((out / "llm.json").read_text())
         write_outputs(args, saved["results"], saved["settings"])
         return
-    settings = {k: v for k, v in vars(args).items() if k not in ("alone", "convert", "report")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("alone", "convert", "report", "fresh")}
     settings.update(bases=args.bases.split(","), model=convert_in_fresh_process(args), torch=torch.__version__,
                     machine=f"{platform.processor() or platform.machine()}, {platform.system()}",
                     command="python benchmarks/llm.py " + shlex.join(sys.argv[1:] if argv is None else argv))
     results: dict[str, dict] = {}
+    saved = out / "llm.json"
+    if saved.exists() and not args.fresh:  # phases run separately add to one file; each keeps its own command
+        previous = json.loads(saved.read_text())
+        results = previous["results"]
+        commands = [c for c in previous["settings"].get("commands", [previous["settings"]["command"]])
+                    if c != settings["command"]]
+        settings["commands"] = [*commands, settings["command"]]
+        settings["bases"] = sorted(set(previous["settings"]["bases"]) | set(settings["bases"]),
+                                   key=list(BASES).index)
     for phase in args.phases.split(","):  # memory first: fresh processes before this one builds any model
         {"memory": memory_phase, "timing": timing_phase, "quality": quality_phase}[phase](args, results)
         write_outputs(args, results, settings)
