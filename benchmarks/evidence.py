@@ -9,7 +9,8 @@ checkout's is superseded, shown as such and run again. The commit is recorded to
 that a README commit does not throw away hours of runs.
 
 Runs train in this process with a plain PyTorch loop (AdamW, linear schedule with warm-up, gradient clipping at
-1.0; bf16 autocast on CUDA, fp32 on the CPU) over all-MiniLM-L6-v2 and the GLUE dev sets. For a given seed,
+1.0; batches grouped by length as the Trainer's ``group_by_length=True`` groups them, which roughly halves the CPU
+time on GLUE's mixed lengths; bf16 autocast on CUDA, fp32 on the CPU) over all-MiniLM-L6-v2 and the GLUE dev sets. For a given seed,
 every method sees the same classifier initialisation and the same batch order, so differences between methods
 are paired by seed.
 
@@ -200,8 +201,19 @@ def load_split(task: str, glue_dir: Optional[str], kind: str, limit: Optional[in
     return (subsample(train, cap, seed=seed_for_split) if cap else train), subsample(dev, limit)
 
 
-def _batches(encoded, labels, batch_size, generator, tokenizer, shuffle):
-    order = torch.randperm(len(labels), generator=generator).tolist() if shuffle else list(range(len(labels)))
+def _batches(encoded, labels, batch_size, generator, tokenizer, shuffle, group_by_length=False):
+    """Padded batches; shuffled with ``generator``, and with ``group_by_length`` grouped by length the way the
+    Trainer's ``group_by_length=True`` does (random mega-batches of 50 batches, each sorted by length), so that
+    short rows are not padded to a long row's length."""
+    if shuffle and group_by_length:
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        lengths = [len(ids) for ids in encoded["input_ids"]]
+        order = get_length_grouped_indices(lengths, batch_size, generator=generator)
+    elif shuffle:
+        order = torch.randperm(len(labels), generator=generator).tolist()
+    else:
+        order = list(range(len(labels)))
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         features = [{k: encoded[k][i] for k in encoded} for i in idx]
@@ -253,6 +265,7 @@ def run_one(spec: dict[str, Any], args, cache: dict) -> dict[str, Any]:
     import methods
     import peft_sparse
 
+    run_started = time.perf_counter()
     task, variant, seed, lr = spec["task"], spec["variant"], spec["seed"], spec["lr"]
     method, options = VARIANTS[variant][0], spec["options"]
     device = torch.device(args.device)
@@ -317,7 +330,8 @@ def run_one(spec: dict[str, Any], args, cache: dict) -> dict[str, Any]:
     started = time.perf_counter()
     model.train()
     for _ in range(spec["epochs"]):
-        for batch in _batches(train_enc, train_labels, args.batch_size, generator, tokenizer, shuffle=True):
+        for batch in _batches(train_enc, train_labels, args.batch_size, generator, tokenizer, shuffle=True,
+                              group_by_length=args.group_by_length):
             t0 = time.perf_counter()
             batch = {k: v.to(device) for k, v in batch.items()}
             if num_labels == 1:
@@ -357,6 +371,7 @@ def run_one(spec: dict[str, Any], args, cache: dict) -> dict[str, Any]:
         "final_loss": float(np.mean(losses[-max(1, total // 20):])),
         "loss_curve": curve,
         "peft_sparse": peft_sparse.__version__,
+        "run_seconds": time.perf_counter() - run_started,
     }
     if eval_curve:
         row["eval_curve"] = eval_curve
@@ -413,7 +428,7 @@ def run_config(spec: dict[str, Any], args) -> dict[str, Any]:
                 fraction=spec["fraction"], recipe=spec["recipe"], eval_points=spec.get("eval_points"),
                 batch_size=args.batch_size, max_length=args.max_length or MAX_LENGTH[spec["task"]],
                 limit_rows=args.limit_rows, model=Path(args.model).name, device=torch.device(args.device).type,
-                bf16=args.bf16)
+                bf16=args.bf16, group_by_length=args.group_by_length)
 
 
 def chosen_lr(variant: str, rows: list[dict], code: str) -> Optional[float]:
@@ -427,6 +442,38 @@ def chosen_lr(variant: str, rows: list[dict], code: str) -> Optional[float]:
     return max(grid, key=lambda lr: done[lr])
 
 
+def claim_tasks(number: str, claim: dict[str, Any], args) -> list[str]:
+    """The claim's tasks that ``--tasks`` keeps, in ``--tasks``' order where it names them (its priority)."""
+    chosen = args.tasks.get(number, args.tasks.get("*")) if args.tasks else None
+    return [t for t in chosen if t in claim["tasks"]] if chosen else list(claim["tasks"])
+
+
+def claim_variants(claim: dict[str, Any], args) -> list[str]:
+    """The claim's variants that ``--variants`` keeps (all by default)."""
+    return [v for v in claim["variants"] if not args.variants or v in args.variants]
+
+
+def parse_tasks(text: str) -> dict[str, list[str]]:
+    """``mrpc,rte`` (every claim) or ``1=sst2,mrpc;4=mrpc,rte`` (per claim) -> {claim or "*": tasks}."""
+    result = {}
+    for part in text.split(";"):
+        claim, _, tasks = part.rpartition("=")
+        names = [t for t in tasks.split(",") if t]
+        unknown = [t for t in names if t not in MAX_LENGTH]
+        if unknown or (claim and claim not in CLAIMS):
+            raise argparse.ArgumentTypeError(f"unknown claim {claim!r} or tasks {unknown} in --tasks {text!r}")
+        result[claim or "*"] = names
+    return result
+
+
+def parse_variants(text: str) -> list[str]:
+    names = text.split(",")
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
+    return names
+
+
 def plan(args, rows: list[dict], code: str) -> list[dict[str, Any]]:
     """The runs of ``--claims``, sweeps first, then by claim, task, fraction, seed and variant. Runs whose learning
     rate or options wait for other runs carry None there."""
@@ -434,7 +481,7 @@ def plan(args, rows: list[dict], code: str) -> list[dict[str, Any]]:
     claims = [CLAIMS[c] for c in args.claims]
     swept = []
     for claim in claims:
-        for variant in claim["variants"]:
+        for variant in claim_variants(claim, args):
             source = LR_SOURCE.get(variant, variant)
             if "lr" in claim or source in swept:
                 continue
@@ -444,12 +491,11 @@ def plan(args, rows: list[dict], code: str) -> list[dict[str, Any]]:
                 todo.append(dict(kind="sweep", task=SWEEP["task"], variant=source, seed=SWEEP["seed"], lr=lr,
                                  epochs=args.epochs or SWEEP["epochs"], recipe=PAPER_RECIPE, fraction=1.0,
                                  options=options))
-    for claim in claims:
-        tasks = [t for t in claim["tasks"] if not args.tasks or t in args.tasks]
-        for task in tasks:
+    for number, claim in zip(args.claims, claims):
+        for task in claim_tasks(number, claim, args):
             for fraction in claim.get("fractions", [1.0]):
                 for seed in range(args.seeds or claim["seeds"]):
-                    for variant in claim["variants"]:
+                    for variant in claim_variants(claim, args):
                         epochs = claim["epochs"][variant] if isinstance(claim["epochs"], dict) else claim["epochs"]
                         todo.append(dict(kind="claim", task=task, variant=variant, seed=seed, fraction=fraction,
                                          lr=claim.get("lr") or chosen_lr(variant, rows, code),
@@ -539,6 +585,37 @@ def grouped(rows: list[dict], claim: dict) -> dict[tuple, dict[int, dict]]:
         if c["kind"] == "claim" and c["variant"] in claim["variants"] and c["task"] in claim["tasks"]:
             by.setdefault((c["task"], c["fraction"], c["variant"]), {})[c["seed"]] = r
     return by
+
+
+def plan_table(args) -> str:
+    """``--plan``: the runs of ``--claims`` (with ``--tasks`` / ``--variants``), how many are done, and the CPU
+    minutes left, estimated from the finished runs of the same task and kind (train + calibration + evaluation)."""
+    rows = read_rows(Path(args.results))
+    code = code_hash()
+    current = [r for r in rows if r["code"] == code]
+    done = {r["key"] for r in current}
+    minutes: dict[tuple, list[float]] = {}
+    for r in current:
+        kind = "full" if r["config"]["method"] in ("full", "dps") else "peft"
+        minutes.setdefault((r["config"]["task"], r["config"]["kind"], kind), []).append(r.get("run_seconds", r["train_seconds"]) / 60)
+    groups: dict[tuple, list] = {}
+    for spec in plan(args, rows, code):
+        known = spec["lr"] is not None and spec["options"] is not None
+        finished = known and config_key(run_config(spec, args)) in done
+        kind = "full" if VARIANTS[spec["variant"]][0] in ("full", "dps") else "peft"
+        groups.setdefault((spec["kind"], spec["task"], kind), []).append(finished)
+    lines = ["| runs | task | weights trained | planned | done | minutes a run (median of done) | CPU-min left |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    total_left = 0.0
+    for (kind, task, weights), flags in groups.items():
+        per_run = statistics.median(minutes[(task, kind, weights)]) if (task, kind, weights) in minutes else None
+        left = (len(flags) - sum(flags)) * per_run if per_run is not None else None
+        total_left += left or 0.0
+        lines.append(f"| {kind} | {task} | {'all (full FT, DPS)' if weights == 'full' else 'adapter'} | {len(flags)} | "
+                     f"{sum(flags)} | {'-' if per_run is None else f'{per_run:.1f}'} | "
+                     f"{'?' if left is None else round(left)} |")
+    lines.append(f"\nCPU minutes left where estimated: {total_left:.0f} (threads per run: {args.threads})")
+    return "\n".join(lines)
 
 
 def report(args) -> str:
@@ -669,6 +746,7 @@ def plot(args, out_dir: Path) -> list[Path]:
         axes[0][0].legend(fontsize=7, loc="best")
         fig.suptitle(f"Claim {claim_id}: {claim['title']}", fontsize=10)
         fig.tight_layout()
+        out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"evidence_claim{claim_id}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -682,7 +760,10 @@ def plot(args, out_dir: Path) -> list[Path]:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--claims", type=lambda s: s.split(","), default=["1", "4"])
-    parser.add_argument("--tasks", type=lambda s: s.split(","), default=None, help="restrict the claims' tasks")
+    parser.add_argument("--tasks", type=parse_tasks, default=None,
+                        help="restrict the claims' tasks, in this order: 'mrpc,rte' or per claim '1=sst2,mrpc;4=rte'")
+    parser.add_argument("--variants", type=parse_variants, default=None,
+                        help="restrict the claims' variants (their sweeps too)")
     parser.add_argument("--seeds", type=int, default=None, help="override the claims' seed counts")
     parser.add_argument("--results", default="benchmarks/evidence/results.jsonl")
     parser.add_argument("--glue-dir", default=None)
@@ -691,11 +772,14 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=None, help="default per task (MAX_LENGTH)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU")
+    parser.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
+                        help="plain shuffled batches (default: grouped by length, the Trainer's group_by_length)")
     parser.add_argument("--shard", default="0/1", help="i/n: run only this shard of the runs (parallel processes)")
     parser.add_argument("--deadline-min", type=float, default=None, help="start no run after this many minutes")
     parser.add_argument("--limit-rows", type=int, default=None, help="cap every split (smoke tests only)")
     parser.add_argument("--epochs", type=int, default=None, help="override the claims' epochs (smoke tests only)")
     parser.add_argument("--report", action="store_true", help="print the tables from --results and exit")
+    parser.add_argument("--plan", action="store_true", help="print the planned runs, the done ones and the time left")
     parser.add_argument("--plots", default=None, help="with --report: write the claims' plots into this folder")
     args = parser.parse_args(argv)
     if args.model is None:
@@ -708,6 +792,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.plan:
+        print(plan_table(args))
+        return
     if args.report:
         print(report(args))
         if args.plots:

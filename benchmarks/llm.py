@@ -39,7 +39,6 @@ import shlex
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -162,13 +161,9 @@ def build(args, name: str, base: str, batches) -> tuple[torch.nn.Module, Callabl
         tuner.set_total_steps(args.warmup + args.repeats + args.alone_steps)
     cycle, counter = itertools.cycle(batches), itertools.count()
 
-    def stepper() -> float:
-        elapsed = step(model, optimizer, next(cycle))
-        if hasattr(tuner, "update_and_allocate"):
-            start = time.perf_counter()
-            tuner.update_and_allocate(next(counter))
-            elapsed += time.perf_counter() - start
-        return elapsed
+    def stepper() -> float:  # DPS reads the step's gradients: update_and_allocate runs before zero_grad, timed
+        after_step = (lambda: tuner.update_and_allocate(next(counter))) if hasattr(tuner, "update_and_allocate") else None
+        return step(model, optimizer, next(cycle), after_step)
 
     return model, stepper
 
@@ -237,7 +232,7 @@ def timing_phase(args, results: dict) -> None:
 def quality_phase(args, results: dict) -> None:
     logs = Path(args.out_dir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    first = {}
+    first = {k.split("@")[1]: k for k, v in results.items() if v.get("score_before") is not None}  # scored already
     for name, base in runs(args):
         if name == FLOOR:
             continue
@@ -272,13 +267,28 @@ def fmt(value, spec: str, missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
 
 
+#: The settings each phase ran with, kept per phase in llm.json (phases may run in separate commands).
+PHASE_SETTINGS = {"memory": ("threads", "batch_size", "length", "alone_steps"),
+                  "timing": ("threads", "repeats", "warmup", "batch_size", "length"),
+                  "quality": ("threads", "train_steps", "batch_size", "length", "train_samples", "eval_samples")}
+
+
+def phase_settings(settings: dict) -> str:
+    from collections import defaultdict
+
+    s = {phase: defaultdict(lambda: "-", settings.get("phases_run", {}).get(phase, settings))
+         for phase in PHASE_SETTINGS}
+    m, t, q = s["memory"], s["timing"], s["quality"]
+    return (f"Memory: each method alone, {m['alone_steps']} steps, {m['threads']} threads. Step time: {t['threads']} "
+            f"threads, {t['repeats']} interleaved rounds after {t['warmup']} warm-up, batches of {t['batch_size']} x "
+            f"{t['length']} tokens. Quality: {q['threads']} threads, {q['train_steps']} steps of {q['batch_size']} rows "
+            f"({q['train_samples']} training rows), accuracy on {q['eval_samples']} SST-2 dev rows.")
+
+
 def table(results: dict, settings: dict) -> str:
     lines = [f"# LLM benchmark: {Path(settings['model']).name}", "",
              *[f"Command: `{c}`" for c in settings.get("commands", [settings["command"]])], "",
-             f"Machine: {settings['machine']}; torch {settings['torch']}, {settings['threads']} threads. Step time: "
-             f"{settings['repeats']} interleaved rounds after {settings['warmup']} warm-up, batches of "
-             f"{settings['batch_size']} x {settings['length']} tokens; quality: {settings['train_steps']} steps of "
-             f"{settings['batch_size']} rows, accuracy on {settings['eval_samples']} SST-2 dev rows.", "",
+             f"Machine: {settings['machine']}; torch {settings['torch']}. " + phase_settings(settings), "",
              "Trained entries count what the optimizer updates (mask: the scores of the candidates; DPS: the dense "
              "increment). Learner priming (its calibrate steps, every FFN node trainable) runs before the budget; "
              "peak RSS is the process's, loading the base included; 4-bit adapters are saved in bf16, the dtype "
@@ -444,10 +454,12 @@ def main(argv=None) -> None:
         commands = [c for c in previous["settings"].get("commands", [previous["settings"]["command"]])
                     if c != settings["command"]]
         settings["commands"] = [*commands, settings["command"]]
+        settings["phases_run"] = previous["settings"].get("phases_run", {})
         settings["bases"] = sorted(set(previous["settings"]["bases"]) | set(settings["bases"]),
                                    key=list(BASES).index)
     for phase in args.phases.split(","):  # memory first: fresh processes before this one builds any model
         {"memory": memory_phase, "timing": timing_phase, "quality": quality_phase}[phase](args, results)
+        settings.setdefault("phases_run", {})[phase] = {k: getattr(args, k) for k in PHASE_SETTINGS[phase]}
         write_outputs(args, results, settings)
     print((out / "llm.md").read_text())
 

@@ -109,8 +109,8 @@ def method_config(method: str, model: nn.Module, task_type: str, **options: Any)
         if options:
             raise ValueError(f"full fine-tuning takes no options, got {sorted(options)}")
         return None
-    if method in ("lora", "shira", "sparsemask", "dps"):
-        options.setdefault("target_modules", lora_targets(model))
+    if method in ("lora", "shira", "sparsemask") or (method == "dps" and options.get("scope") != "model"):
+        options.setdefault("target_modules", lora_targets(model))  # DPS scope="model" picks its own (all-linear)
     if method == "lora":
         r = options.pop("r", 8)
         options.setdefault("lora_alpha", 2 * r)

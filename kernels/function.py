@@ -7,8 +7,13 @@ and takes the values' gradient at the support only (an SDDMM), so no dense weigh
 
 How each product runs is chosen per device, from measurements (``benchmarks/RESULTS.md``):
 
-* CPU: ``F.linear(x, W, b)`` plus a sparse product (``torch_ops``); no weight-sized tensor is formed in the
-  forward or the backward.
+* CPU, float bases: ``W + ΔW`` formed for the matmul and freed at once (recomputed in the backward), as on
+  CUDA. Measured faster than ``F.linear(x, W) + x @ ΔWᵀ`` with sparse products (CSR, or batched block products)
+  at every shape and token count tried (SmolLM2 and MiniLM blocks, 512 and 2,048 tokens, 1 % and LoRA r=8's
+  count, unstructured and 32 x 32 blocks; ``benchmarks/cpu_hot_path.py``): one weight-sized copy and scatter
+  costs less than any sparse product adds. It lives only inside the layer's forward or backward.
+* CPU, quantized bases (no float ``W``; dequantizing would cost more): the base layer's own forward plus sparse
+  products (``torch_ops``: batched block products, or CSR); no weight-sized tensor.
 * CUDA: the weight-sized ``W + ΔW`` is formed for the cuBLAS product and freed at once (recomputed in the
   backward): one scatter over the weight costs a few percent of the matmul, less than any sparse product
   adds. The values' gradient is the Triton block kernel on block supports, and the dense gradient plus a
@@ -66,14 +71,15 @@ def spmm_t(grad: torch.Tensor, values: torch.Tensor, layout: SparseLayout) -> to
 
 def _merge_weight(weight: torch.Tensor, values: torch.Tensor, layout: SparseLayout, dtype) -> torch.Tensor:
     """``W + ΔW`` as a new dense tensor in ``dtype``."""
-    merged = weight.to(dtype=dtype, copy=True)
+    merged = weight.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)  # GPT-2's Conv1D: Wᵀ views
     merged.view(-1).index_add_(0, layout.indices, values.to(dtype))
     return merged
 
 
-def merges_weight(x: torch.Tensor, weight: Optional[torch.Tensor]) -> bool:
-    """Whether the forward forms ``W + ΔW`` (CUDA float bases) rather than adding a sparse product."""
-    return weight is not None and x.is_cuda
+def merges_weight(x: torch.Tensor, weight: Optional[torch.Tensor], layout: SparseLayout) -> bool:
+    """Whether the forward (and the backward) form ``W + ΔW`` rather than adding sparse products: on every float
+    base, CPU and CUDA, unstructured and block supports (measured faster; see the module docstring)."""
+    return weight is not None
 
 
 class SparseDeltaLinear(torch.autograd.Function):
@@ -85,7 +91,7 @@ class SparseDeltaLinear(torch.autograd.Function):
         x2d = x.reshape(-1, shape[1])
         ctx.layout = layout
         ctx.save_for_backward(x, values, weight)
-        if merges_weight(x, weight):
+        if merges_weight(x, weight, layout):
             out = F.linear(x2d, _merge_weight(weight, values, layout, x.dtype), bias)
         else:
             update = spmm(x2d, values, layout)
@@ -107,7 +113,7 @@ class SparseDeltaLinear(torch.autograd.Function):
         x2d = x.reshape(-1, shape[1])
         grad_x = grad_values = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            if merges_weight(x, weight):
+            if merges_weight(x, weight, layout):
                 grad_x = grad_2d @ _merge_weight(weight, values, layout, grad_2d.dtype)
             else:
                 grad_x = spmm_t(grad_2d, values, layout).to(grad_2d.dtype)

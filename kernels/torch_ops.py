@@ -1,10 +1,12 @@
 """The torch implementations of the sparse-delta operations: what runs wherever no Triton kernel does.
 
-On the CPU they are sparse: CSR products (``torch.sparse``) for ``x @ ΔWᵀ`` and ``grad @ ΔW``,
-``torch.sparse.sampled_addmm`` for the values' gradient of an unstructured support, and one batched matmul
-over the blocks of a block support; none forms a weight-sized tensor. On CUDA, cuBLAS on a dense ΔW or on
-the dense weight gradient was faster than every sparse product measured at LLaMA sizes (cuSPARSE CSR and
-BSR, and the Triton entry kernels; ``benchmarks/RESULTS.md``), so there they use one weight-sized transient.
+On the CPU they are sparse: for a block support, batched matmuls over its blocks (the block's columns of ``x``
+gathered, multiplied by the block, added into its rows), for ``x @ ΔWᵀ``, ``grad @ ΔW`` and the values' gradient;
+for an unstructured support, CSR products (``torch.sparse``) and ``torch.sparse.sampled_addmm``. None forms a
+weight-sized tensor. On float bases the products with ΔW are not used on the CPU either: ``W + ΔW`` for one
+matmul was faster (``function.py``); they serve quantized bases, and the values' gradient everywhere. On CUDA, cuBLAS on a dense ΔW or on the dense weight gradient was faster than every sparse
+product measured at LLaMA sizes (cuSPARSE CSR and BSR, and the Triton entry kernels; ``benchmarks/RESULTS.md``),
+so there they use one weight-sized transient.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import warnings
 
 import torch
 
-from .layout import SparseLayout
+from .layout import SparseLayout, block_value_index
 
 #: Largest gathered activation tile of the block SDDMM (elements), so its memory stays bounded.
 _BLOCK_GATHER_LIMIT = 1 << 22
@@ -53,11 +55,41 @@ def _dense(layout: SparseLayout, values: torch.Tensor, dtype: torch.dtype) -> to
     return flat.index_add_(0, layout.indices, values.to(dtype)).view(layout.shape)
 
 
+def _block_product(a: torch.Tensor, values: torch.Tensor, layout: SparseLayout, transpose: bool) -> torch.Tensor:
+    """``a @ ΔWᵀ`` (``a``: ``(tokens, in)``) or, with ``transpose``, ``a @ ΔW`` (``a``: ``(tokens, out)``) for a
+    block support: per block, the block's columns (rows) of ``a`` times the block, added into its rows (columns)
+    of the result. Blocks clipped at the weight's edge have zeros outside it, so their clamped indices add 0."""
+    pattern = layout.blocks
+    b = pattern.block_size
+    out_features, in_features = layout.shape
+    dtype = _compute_dtype(a.dtype, a.device)
+    index = block_value_index(layout)  # (blocks, B rows, B cols)
+    tiles = torch.where(index >= 0, values.to(dtype)[index.clamp(min=0)], 0)
+    offs = torch.arange(b, device=a.device)
+    rows = (pattern.rows[:, None] * b + offs).clamp(max=out_features - 1)
+    cols = (pattern.cols[:, None] * b + offs).clamp(max=in_features - 1)
+    source, target, width = (rows, cols, in_features) if transpose else (cols, rows, out_features)
+    tiles = tiles if transpose else tiles.transpose(1, 2)  # (blocks, source, target)
+    tokens = a.shape[0]
+    out = torch.zeros(tokens, width, dtype=dtype, device=a.device)
+    chunk = max(1, _BLOCK_GATHER_LIMIT // (b * max(tokens, 1)))
+    a = a.to(dtype)
+    for start in range(0, source.shape[0], chunk):
+        src, dst = source[start : start + chunk], target[start : start + chunk]
+        n = src.shape[0]
+        gathered = a.index_select(1, src.flatten()).view(tokens, n, b).transpose(0, 1)  # (n, tokens, B)
+        partial = torch.bmm(gathered, tiles[start : start + chunk])  # (n, tokens, B)
+        out.index_add_(1, dst.flatten(), partial.transpose(0, 1).reshape(tokens, n * b))
+    return out
+
+
 @_outside_autocast
 def spmm(x: torch.Tensor, values: torch.Tensor, layout: SparseLayout) -> torch.Tensor:
     """``x @ ΔWᵀ`` for 2-D ``x`` ``(tokens, in)``; the result may be a transposed view."""
     if x.is_cuda:
         return x @ _dense(layout, values, x.dtype).T
+    if layout.blocks is not None:
+        return _block_product(x, values, layout, transpose=False)
     dtype = _compute_dtype(x.dtype, x.device)
     matrix = _csr(layout.crow, layout.col, values.to(dtype), layout.shape)
     return (matrix @ x.to(dtype).T.contiguous()).T
@@ -68,6 +100,8 @@ def spmm_t(grad: torch.Tensor, values: torch.Tensor, layout: SparseLayout) -> to
     """``grad @ ΔW`` for 2-D ``grad`` ``(tokens, out)``; the result may be a transposed view."""
     if grad.is_cuda:
         return grad @ _dense(layout, values, grad.dtype)
+    if layout.blocks is not None:
+        return _block_product(grad, values, layout, transpose=True)
     dtype = _compute_dtype(grad.dtype, grad.device)
     transposed = _csr(layout.ccol, layout.csc_row, values[layout.csc_order].to(dtype), layout.shape[::-1])
     return (transposed @ grad.to(dtype).T.contiguous()).T

@@ -419,3 +419,72 @@ def test_metrics_hand_values():
         "f1": pytest.approx(2 / 3), "accuracy": pytest.approx(0.75)}
     s = glue_data.compute_task_metrics("stsb", np.array([[0.1], [0.5], [0.4]]), np.array([0.0, 2.0, 1.0]))
     assert s["pearson"] > 0.9 and s["spearmanr"] == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# benchmarks/evidence.py: the long runs resume, skip what is done, rerun superseded rows and rebuild the tables
+
+
+evidence = _load("evidence", ROOT / "benchmarks" / "evidence.py")
+
+
+def test_evidence_harness_resumes_reruns_superseded_rows_and_reports(tmp_path, glue_dir, tiny_model_dir):
+    results = tmp_path / "results.jsonl"
+    argv = ["--claims", "1", "--tasks", "1=rte", "--variants", "sparsemask-1pct,lora-r8", "--seeds", "2",
+            "--limit-rows", "8", "--epochs", "1", "--batch-size", "4", "--max-length", "32",
+            "--glue-dir", str(glue_dir), "--model", str(tiny_model_dir), "--results", str(results)]
+    evidence.main(argv)
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    sweeps = [r for r in rows if r["config"]["kind"] == "sweep"]
+    claims = [r for r in rows if r["config"]["kind"] == "claim"]
+    assert len(sweeps) == len(evidence.LR_GRID["sparsemask-1pct"]) + len(evidence.LR_GRID["lora-r8"])
+    assert all(r["config"]["task"] == "sst2" for r in sweeps)  # the sweep scores held-out training rows
+    assert sorted((r["config"]["variant"], r["config"]["seed"]) for r in claims) == [
+        ("lora-r8", 0), ("lora-r8", 1), ("sparsemask-1pct", 0), ("sparsemask-1pct", 1)]
+    for r in claims:  # each claim run trains at its variant's swept lr, and records what the tables need
+        assert r["config"]["lr"] == evidence.chosen_lr(r["config"]["variant"], rows, r["code"])
+        assert r["loss_curve"] and r["trainable"] > 0 and r["run_seconds"] >= r["train_seconds"] > 0
+    assert evidence.CLAIMS["1"]["judged"]["sparsemask-1pct"][0] == "lora-r8"
+
+    evidence.main(argv)  # resumed: nothing left to run
+    assert len(results.read_text().splitlines()) == len(rows)
+
+    stale = dict(claims[0], code="older")  # a row of superseded code is shown as such and run again
+    lines = [json.dumps(stale if r["key"] == claims[0]["key"] else r) for r in rows]
+    results.write_text("\n".join(lines) + "\n")
+    evidence.main(argv)
+    rerun = [json.loads(line) for line in results.read_text().splitlines()][len(rows):]
+    assert [r["key"] for r in rerun] == [claims[0]["key"]]
+
+    args = evidence.parse_args(argv)
+    text = evidence.report(args)
+    assert "1 superseded" in text and "### Claim 1" in text
+    verdicts = [line for line in text.splitlines() if line.startswith("| rte | 100% | sparsemask-1pct | lora-r8 | 2 |")]
+    assert len(verdicts) == 1 and verdicts[0].rstrip(" |").rsplit("| ", 1)[1] in ("confirmed", "refuted",
+                                                                                    "inconclusive")
+    plan = evidence.plan_table(args)
+    assert "| claim | rte | adapter | 4 | 4 |" in plan and "| sweep | sst2 | adapter | 7 | 7 |" in plan
+    written = evidence.plot(args, tmp_path / "plots")
+    assert written and all(p.suffix == ".png" and p.stat().st_size > 10_000 for p in written)
+
+
+def test_evidence_refuses_unknown_tasks_and_variants():
+    with pytest.raises(SystemExit):
+        evidence.parse_args(["--tasks", "1=qnli", "--model", "x"])
+    with pytest.raises(SystemExit):
+        evidence.parse_args(["--variants", "lora-r9", "--model", "x"])
+    args = evidence.parse_args(["--claims", "1,4", "--tasks", "1=sst2,mrpc;4=rte", "--model", "x"])
+    assert evidence.claim_tasks("1", evidence.CLAIMS["1"], args) == ["sst2", "mrpc"]
+    assert evidence.claim_tasks("4", evidence.CLAIMS["4"], args) == ["rte"]
+
+
+def test_factory_leaves_dps_model_scope_its_own_targets(tiny_model_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    from peft_sparse.tuners.dps.layer import DPSLayer
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=2)
+    assert sorted(methods.method_config("dps", model, "SEQ_CLS").target_modules) == sorted(methods.lora_targets(model))
+    assert methods.method_config("dps", model, "SEQ_CLS", scope="model").target_modules is None
+    wrapped = methods.apply_method(model, "dps", "SEQ_CLS", scope="model")  # the authors' scope: the pooler too
+    assert isinstance(wrapped.base_model.model.bert.pooler.dense, DPSLayer)
