@@ -76,7 +76,7 @@ def _merge_weight(weight: torch.Tensor, values: torch.Tensor, layout: SparseLayo
     return merged
 
 
-def merges_weight(x: torch.Tensor, weight: Optional[torch.Tensor], layout: SparseLayout) -> bool:
+def merges_weight(weight: Optional[torch.Tensor]) -> bool:
     """Whether the forward (and the backward) form ``W + ΔW`` rather than adding sparse products: on every float
     base, CPU and CUDA, unstructured and block supports (measured faster; see the module docstring)."""
     return weight is not None
@@ -91,7 +91,7 @@ class SparseDeltaLinear(torch.autograd.Function):
         x2d = x.reshape(-1, shape[1])
         ctx.layout = layout
         ctx.save_for_backward(x, values, weight)
-        if merges_weight(x, weight, layout):
+        if merges_weight(weight):
             out = F.linear(x2d, _merge_weight(weight, values, layout, x.dtype), bias)
         else:
             update = spmm(x2d, values, layout)
@@ -113,7 +113,7 @@ class SparseDeltaLinear(torch.autograd.Function):
         x2d = x.reshape(-1, shape[1])
         grad_x = grad_values = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            if merges_weight(x, weight, layout):
+            if merges_weight(weight):
                 grad_x = grad_2d @ _merge_weight(weight, values, layout, grad_2d.dtype)
             else:
                 grad_x = spmm_t(grad_2d, values, layout).to(grad_2d.dtype)

@@ -3,10 +3,10 @@
 On the CPU they are sparse: for a block support, batched matmuls over its blocks (the block's columns of ``x``
 gathered, multiplied by the block, added into its rows), for ``x @ ΔWᵀ``, ``grad @ ΔW`` and the values' gradient;
 for an unstructured support, CSR products (``torch.sparse``) and ``torch.sparse.sampled_addmm``. None forms a
-weight-sized tensor. On float bases the products with ΔW are not used on the CPU either: ``W + ΔW`` for one
-matmul was faster (``function.py``); they serve quantized bases, and the values' gradient everywhere. On CUDA, cuBLAS on a dense ΔW or on the dense weight gradient was faster than every sparse
-product measured at LLaMA sizes (cuSPARSE CSR and BSR, and the Triton entry kernels; ``benchmarks/RESULTS.md``),
-so there they use one weight-sized transient.
+weight-sized tensor. The products with ΔW serve quantized bases: on float bases ``W + ΔW`` for one matmul was
+faster, on the CPU too (``function.py``). On CUDA, cuBLAS on a dense ΔW or on the dense weight gradient was faster
+than every sparse product measured at LLaMA sizes (cuSPARSE CSR and BSR, and the Triton entry kernels;
+``benchmarks/RESULTS.md``), so there they use one weight-sized transient.
 """
 
 from __future__ import annotations

@@ -72,9 +72,37 @@ def registered_methods() -> dict[str, str]:
 
 
 
+class ConfigMapping(dict):
+    """PEFT's ``peft_type -> config class`` mapping, whose failed lookup names the type and the known ones.
+
+    PEFT indexes the mapping directly when it loads an ``adapter_config.json`` (``PeftConfig.from_pretrained``,
+    ``PeftModel.from_pretrained``), so a misspelt ``peft_type`` gave a bare ``KeyError: 'SPARSMASK'``."""
+
+    def __missing__(self, key):
+        known = ", ".join(sorted(str(getattr(k, "value", k)) for k in self))
+        raise KeyError(f"peft_type {str(getattr(key, 'value', key))!r} is not a PEFT method known here (check the "
+                       f"spelling in adapter_config.json, or import the package that defines it). Known: {known}")
+
+
+def explain_unknown_peft_types() -> None:
+    """Put a ``ConfigMapping`` with the same entries wherever PEFT's modules hold the config mapping (idempotent).
+    Modules imported later take it from ``peft.mapping``."""
+    import sys
+
+    original = peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING
+    if isinstance(original, ConfigMapping):
+        return
+    replacement = ConfigMapping(original)
+    for name, module in list(sys.modules.items()):
+        if (name == "peft" or name.startswith(("peft.", "peft_sparse"))) and \
+                getattr(module, "PEFT_TYPE_TO_CONFIG_MAPPING", None) is original:
+            module.PEFT_TYPE_TO_CONFIG_MAPPING = replacement
+
+
 def register_all() -> None:
     """Register every peft_sparse tuner with PEFT (idempotent)."""
     from peft_sparse.tuners import METHODS
 
+    explain_unknown_peft_types()
     for name, (config_cls, model_cls) in METHODS.items():
         register(name, config_cls, model_cls)

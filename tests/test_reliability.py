@@ -346,3 +346,22 @@ def test_saving_a_value_that_float16_cannot_hold_is_an_error(tmp_path):
     layer.sparsemask_delta["default"].values.data[0] = 1e5
     with pytest.raises(ValueError, match=r"magnitude 1e\+05 does not fit save_dtype='float16'"):
         model.save_pretrained(tmp_path)
+
+
+def test_a_misspelt_peft_type_names_itself_and_the_known_types(tmp_path):
+    import json
+
+    from peft import PeftConfig
+
+    get_peft_model(make_model("bert"), SparseMaskConfig(task_type="SEQ_CLS")).save_pretrained(tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "peft_type": "SPARSMASK"}))
+    base = make_model("bert")
+    before = snapshot(base)
+    for load in (lambda: PeftModel.from_pretrained(base, tmp_path), lambda: PeftConfig.from_pretrained(tmp_path)):
+        with pytest.raises(KeyError, match=r"peft_type 'SPARSMASK' is not a PEFT method.*Known: .*LORA.*SPARSEMASK"):
+            load()
+    assert_unchanged(base, before)
+    config_file.write_text(json.dumps(config))  # spelt right, it loads
+    assert isinstance(PeftModel.from_pretrained(base, tmp_path), PeftModel)
