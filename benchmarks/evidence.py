@@ -73,7 +73,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 
 #: The learning-rate grid swept per variant on held-out training rows; variants not listed use a claim's fixed lr.
 LR_GRID: dict[str, list[float]] = {
-    "lora-r8": [2e-4, 5e-4, 1e-3, 2e-3],
+    "lora-r8": [2e-4, 5e-4, 1e-3, 2e-3, 5e-3],
     "shira-r8": [1e-3, 3e-3, 1e-2],
     "sparsemask-lora-equal": [1e-3, 3e-3, 1e-2],
     "sparsemask-1pct": [1e-3, 3e-3, 1e-2],

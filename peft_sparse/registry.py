@@ -85,18 +85,23 @@ class ConfigMapping(dict):
 
 
 def explain_unknown_peft_types() -> None:
-    """Put a ``ConfigMapping`` with the same entries wherever PEFT's modules hold the config mapping (idempotent).
-    Modules imported later take it from ``peft.mapping``."""
+    """Put a ``ConfigMapping`` with the same entries wherever a loaded module holds PEFT's config mapping
+    (idempotent). Every module is scanned, not only PEFT's: one that imported the mapping by name before
+    peft_sparse would otherwise keep the old dict and miss the types registered afterwards. Modules imported
+    later take the replacement from ``peft.mapping``."""
     import sys
 
     original = peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING
     if isinstance(original, ConfigMapping):
         return
     replacement = ConfigMapping(original)
-    for name, module in list(sys.modules.items()):
-        if (name == "peft" or name.startswith(("peft.", "peft_sparse"))) and \
-                getattr(module, "PEFT_TYPE_TO_CONFIG_MAPPING", None) is original:
-            module.PEFT_TYPE_TO_CONFIG_MAPPING = replacement
+    for module in list(sys.modules.values()):
+        namespace = getattr(module, "__dict__", None)
+        if not isinstance(namespace, dict):
+            continue
+        for attribute, value in list(namespace.items()):
+            if value is original:
+                setattr(module, attribute, replacement)
 
 
 def register_all() -> None:

@@ -365,3 +365,31 @@ def test_a_misspelt_peft_type_names_itself_and_the_known_types(tmp_path):
     assert_unchanged(base, before)
     config_file.write_text(json.dumps(config))  # spelt right, it loads
     assert isinstance(PeftModel.from_pretrained(base, tmp_path), PeftModel)
+
+
+def test_a_module_that_took_the_config_mapping_before_the_import_sees_every_method():
+    """A third-party module that did ``from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING`` before
+    ``import peft_sparse`` gets the same mapping as PEFT: the registered methods and the clear KeyError."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import sys, types
+        from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+        third_party = types.ModuleType("third_party_trainer")
+        third_party.CONFIGS = PEFT_TYPE_TO_CONFIG_MAPPING
+        sys.modules["third_party_trainer"] = third_party
+        import peft_sparse
+        from peft import PeftType
+        assert third_party.CONFIGS[PeftType.SPARSEMASK] is peft_sparse.SparseMaskConfig
+        try:
+            third_party.CONFIGS["SPARSMASK"]
+        except KeyError as error:
+            assert "Known:" in str(error), error
+        else:
+            raise AssertionError("no KeyError")
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
