@@ -90,7 +90,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "dps": ("dps", {}),
     "full": ("full", {}),
 }
-BASES = ("fp32", "4bit")
+BASES = ("fp32", "8bit", "4bit")
+#: bitsandbytes bits of each base (None: full precision).
+BITS = {"fp32": None, "8bit": 8, "4bit": 4}
 FLOOR = "floor"
 #: examples/finetune_causal_lm.py's flag of each option.
 FLAGS = {"r": "--lora_r", "density": "--density", "match_lora_r": "--match_lora_r", "block_size": "--block_size",
@@ -110,9 +112,9 @@ def runs(args) -> list[tuple[str, str]]:
 
 
 def load_base(args, base: str):
-    """The base model (fp32, or 4-bit through the example's QLoRA loading) and its tokenizer."""
+    """The base model (fp32, or 8-/4-bit through the example's QLoRA loading) and its tokenizer."""
     model_args = example.ModelArguments(model_name_or_path=args.model, cache_dir=args.cache_dir,
-                                        load_in_bits=4 if base == "4bit" else None)
+                                        load_in_bits=BITS[base])
     return example.load_model(model_args)
 
 
@@ -229,7 +231,9 @@ def timing_phase(args, results: dict) -> None:
         del models, steppers
 
 
-def quality_phase(args, results: dict) -> None:
+def quality_phase(args, results: dict, save=lambda: None) -> None:
+    """Train each method for ``--train-steps`` in its own process (the example) and score it; resumable: a method
+    scored already with the same quality settings is skipped, and ``save`` runs after each method."""
     logs = Path(args.out_dir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     first = {k.split("@")[1]: k for k, v in results.items() if v.get("score_before") is not None}  # scored already
@@ -238,6 +242,9 @@ def quality_phase(args, results: dict) -> None:
             continue
         method, options = VARIANTS[name]
         key = f"{name}@{base}"
+        if results.get(key, {}).get("score") is not None and results[key].get("quality_settings") == quality_settings(args):
+            print(f"[quality] {key}: scored already", flush=True)
+            continue
         output_dir = Path(args.out_dir) / "runs" / key
         argv = [str(ROOT / "examples" / "finetune_causal_lm.py"), "--method", method,
                 "--model_name_or_path", args.model, *(["--cache_dir", args.cache_dir] if args.cache_dir else []),
@@ -246,7 +253,7 @@ def quality_phase(args, results: dict) -> None:
                 "--max_train_samples", str(args.train_samples), "--max_eval_samples", str(args.eval_samples),
                 "--per_device_train_batch_size", str(args.batch_size), "--max_seq_length", str(args.length),
                 "--logging_steps", "1", "--num_generations", "2", "--seed", str(args.seed),
-                "--output_dir", str(output_dir), *(["--load_in_bits", "4"] if base == "4bit" else []),
+                "--output_dir", str(output_dir), *(["--load_in_bits", str(BITS[base])] if BITS[base] else []),
                 *([] if first.setdefault(base, key) == key else ["--no_eval_before"])]  # the base is scored once
         print(f"[quality] {key}: {shlex.join(argv[1:])}", flush=True)
         with open(logs / f"{key}.log", "w") as log:
@@ -257,7 +264,9 @@ def quality_phase(args, results: dict) -> None:
         r = json.loads((output_dir / "report.json").read_text())
         results.setdefault(key, {}).update(
             score=r["score"], score_before=r["score_before"], loss_curve=r["loss_curve"], adapter_bytes=r["adapter_bytes"],
-            trained_entries=r["trainable_params"], train_s=r["train_wall_s"], generations=r["generations"])
+            trained_entries=r["trainable_params"], train_s=r["train_wall_s"], generations=r["generations"],
+            quality_settings=quality_settings(args))
+        save()
 
 
 # ---------------------------------------------------------------------------------------------------------- report
@@ -271,6 +280,11 @@ def fmt(value, spec: str, missing: str = "-") -> str:
 PHASE_SETTINGS = {"memory": ("threads", "batch_size", "length", "alone_steps"),
                   "timing": ("threads", "repeats", "warmup", "batch_size", "length"),
                   "quality": ("threads", "train_steps", "batch_size", "length", "train_samples", "eval_samples")}
+
+
+def quality_settings(args) -> dict:
+    """What a quality run depends on (a scored method is reused only when these match)."""
+    return {k: getattr(args, k) for k in (*PHASE_SETTINGS["quality"], "seed", "model") if k != "threads"}
 
 
 def phase_settings(settings: dict) -> str:
@@ -458,8 +472,11 @@ def main(argv=None) -> None:
         settings["bases"] = sorted(set(previous["settings"]["bases"]) | set(settings["bases"]),
                                    key=list(BASES).index)
     for phase in args.phases.split(","):  # memory first: fresh processes before this one builds any model
-        {"memory": memory_phase, "timing": timing_phase, "quality": quality_phase}[phase](args, results)
         settings.setdefault("phases_run", {})[phase] = {k: getattr(args, k) for k in PHASE_SETTINGS[phase]}
+        if phase == "quality":
+            quality_phase(args, results, save=lambda: write_outputs(args, results, settings))
+        else:
+            {"memory": memory_phase, "timing": timing_phase}[phase](args, results)
         write_outputs(args, results, settings)
     print((out / "llm.md").read_text())
 
