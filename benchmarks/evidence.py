@@ -3,9 +3,11 @@
 Resumable. Each finished run appends one JSON line to ``--results`` (method, task, seed, data fraction, epochs,
 score and metrics, trained entries, median step time, peak memory, loss curve); a rerun skips what is there,
 and ``--report`` rebuilds every table and plot from that file alone. Rows are keyed by a hash of the run's
-configuration and by ``code``, a hash of the sources the run measures (``peft_sparse/``, ``kernels/``,
-``examples/methods.py``, ``examples/glue_data.py`` and this file): a row whose code hash differs from the
-checkout's is superseded, shown as such and run again. The commit is recorded too, but does not key rows, so
+configuration (learning rate, options, recipe, data) and by ``code``, a hash of the sources the run executes
+(``evidence_run.py``, where the training loop lives, ``examples/methods.py``, ``examples/glue_data.py`` and, for
+peft_sparse methods, the package's shared modules, the kernels and that method's tuner): a row whose code hash
+differs from the checkout's is superseded, shown as such and run again. So a fix to one tuner reruns that
+tuner's rows only, and a change to the plan or the report here reruns nothing. The commit is recorded too, but does not key rows, so
 that a README commit does not throw away hours of runs.
 
 Runs train in this process with a plain PyTorch loop (AdamW, linear schedule with warm-up, gradient clipping at
@@ -44,7 +46,8 @@ sys.path.insert(0, str(ROOT / "examples"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from glue_data import TASKS, compute_task_metrics, load_glue_task, subsample  # noqa: E402
+from evidence_run import MAX_LENGTH, SWEEP, code_hash, run_one  # noqa: E402
+from glue_data import TASKS  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------- the plan
 
@@ -133,23 +136,14 @@ CLAIMS: dict[str, dict[str, Any]] = {
     ),
 }
 
-SWEEP = dict(task="sst2", train_rows=2000, heldout_rows=500, epochs=2, seed=0)
-TRAIN_ROWS_CAP = {"sst2": 4000}  # SST-2: the first 4,000 rows of a seeded shuffle (the rest: 67k)
-MAX_LENGTH = {"sst2": 64, "cola": 64, "stsb": 128, "mrpc": 128, "rte": 128}
 
 
 # ------------------------------------------------------------------------------------------------ identities
 
 
-def code_hash() -> str:
-    """A hash of the sources a run measures (the package, the kernels, the factory, the data code, this file)."""
-    digest = hashlib.sha256()
-    files = sorted((ROOT / "peft_sparse").rglob("*.py")) + sorted((ROOT / "kernels").rglob("*.py"))
-    files += [ROOT / "examples" / "methods.py", ROOT / "examples" / "glue_data.py", Path(__file__).resolve()]
-    for path in files:
-        digest.update(path.relative_to(ROOT).as_posix().encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:12]
+def is_current(row: dict[str, Any]) -> bool:
+    """Whether a row was produced by the code this checkout would run for its method (``evidence_run.code_hash``)."""
+    return row.get("code") == code_hash(row["config"]["method"])
 
 
 def git_commit() -> str:
@@ -183,211 +177,6 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-# --------------------------------------------------------------------------------------------------- one run
-
-
-def load_split(task: str, glue_dir: Optional[str], kind: str, limit: Optional[int] = None, seed_for_split: int = 0):
-    """``(train, eval)`` as dicts of lists: the task's training rows (capped) and its dev set, or for the LR sweep
-    a training part and a held-out part of the training set (never the dev set). ``limit`` caps every part (a
-    smoke test of the harness, not a measurement)."""
-    train = load_glue_task(task, "train", glue_dir)
-    if kind == "sweep":
-        rows, held_rows = SWEEP["train_rows"], SWEEP["heldout_rows"]
-        if limit:
-            rows, held_rows = min(rows, limit), min(held_rows, limit)
-        return subsample(train, rows, seed=seed_for_split), subsample(train, held_rows, seed=seed_for_split, skip=rows)
-    cap = min(c for c in (TRAIN_ROWS_CAP.get(task), limit) if c) if (TRAIN_ROWS_CAP.get(task) or limit) else None
-    dev = load_glue_task(task, "dev", glue_dir)
-    return (subsample(train, cap, seed=seed_for_split) if cap else train), subsample(dev, limit)
-
-
-def _batches(encoded, labels, batch_size, generator, tokenizer, shuffle, group_by_length=False):
-    """Padded batches; shuffled with ``generator``, and with ``group_by_length`` grouped by length the way the
-    Trainer's ``group_by_length=True`` does (random mega-batches of 50 batches, each sorted by length), so that
-    short rows are not padded to a long row's length."""
-    if shuffle and group_by_length:
-        from transformers.trainer_pt_utils import get_length_grouped_indices
-
-        lengths = [len(ids) for ids in encoded["input_ids"]]
-        order = get_length_grouped_indices(lengths, batch_size, generator=generator)
-    elif shuffle:
-        order = torch.randperm(len(labels), generator=generator).tolist()
-    else:
-        order = list(range(len(labels)))
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        features = [{k: encoded[k][i] for k in encoded} for i in idx]
-        batch = tokenizer.pad(features, return_tensors="pt")
-        batch["labels"] = torch.tensor([labels[i] for i in idx])
-        yield batch
-
-
-def _encode(tokenizer, data, max_length):
-    if data["text_b"] is not None:
-        return dict(tokenizer(data["text_a"], data["text_b"], truncation=True, max_length=max_length))
-    return dict(tokenizer(data["text_a"], truncation=True, max_length=max_length))
-
-
-def _evaluate(model, task, eval_enc, eval_labels, tokenizer, device, autocast) -> dict[str, float]:
-    model.eval()
-    outputs = []
-    with torch.no_grad(), autocast:
-        for batch in _batches(eval_enc, eval_labels, 128, None, tokenizer, shuffle=False):
-            batch.pop("labels")
-            outputs.append(model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu())
-    model.train()
-    return compute_task_metrics(task, torch.cat(outputs).numpy(), eval_labels)
-
-
-def _block_change(model, reference_state) -> list[dict[str, float]]:
-    """Per transformer block: how far fine-tuning moved its weights (relative L1, and the angle in degrees between
-    the flattened pretrained and fine-tuned block), Radiya-Dixit & Wang's criterion for critical layers."""
-    from peft_sparse.modules import block_index, find_layer_stack
-
-    stack_name, stack = find_layer_stack(model)
-    result = []
-    for i in range(len(stack)):
-        before, after = [], []
-        for name, param in model.named_parameters():
-            if block_index(name, stack_name) == i:
-                before.append(reference_state[name].flatten().float())
-                after.append(param.detach().flatten().float().cpu())
-        b, f = torch.cat(before), torch.cat(after)
-        cos = torch.nn.functional.cosine_similarity(b, f, dim=0).clamp(-1, 1)
-        result.append({"l1": float((f - b).abs().sum() / b.abs().sum()), "angle": float(torch.rad2deg(torch.acos(cos)))})
-    return result
-
-
-def run_one(spec: dict[str, Any], args, cache: dict) -> dict[str, Any]:
-    """Train one (task, variant, seed, lr, fraction) and evaluate it; returns the result row (without identity)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
-
-    import methods
-    import peft_sparse
-
-    run_started = time.perf_counter()
-    task, variant, seed, lr = spec["task"], spec["variant"], spec["seed"], spec["lr"]
-    method, options = VARIANTS[variant][0], spec["options"]
-    device = torch.device(args.device)
-    task_spec = TASKS[task]
-    max_length = args.max_length or MAX_LENGTH[task]
-    key = (task, spec["kind"], max_length)
-    if key not in cache:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        train, held = load_split(task, args.glue_dir, spec["kind"], args.limit_rows)
-        cache[key] = (tokenizer, _encode(tokenizer, train, max_length), train["labels"],
-                      _encode(tokenizer, held, max_length), held["labels"])
-    tokenizer, train_enc, train_labels, eval_enc, eval_labels = cache[key]
-    fraction = spec["fraction"]
-    if fraction < 1.0:  # a seeded subset of the training rows
-        count = max(1, round(fraction * len(train_labels)))
-        keep = np.random.RandomState(1000 + seed).permutation(len(train_labels))[:count]
-        train_enc = {k: [v[i] for i in keep] for k, v in train_enc.items()}
-        train_labels = [train_labels[i] for i in keep]
-
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    num_labels = task_spec["num_labels"]
-    extra = {}
-    if spec["recipe"].get("dropout") is not None:
-        extra = dict(hidden_dropout_prob=spec["recipe"]["dropout"], attention_probs_dropout_prob=spec["recipe"]["dropout"])
-    model = AutoModelForSequenceClassification.from_pretrained(
-        args.model, num_labels=num_labels, dtype=torch.float32,
-        problem_type="regression" if num_labels == 1 else "single_label_classification", **extra,
-    )
-    reference_state = {k: v.detach().clone() for k, v in model.named_parameters()} if method == "full" else None
-    model = methods.apply_method(model, method, "SEQ_CLS", **options).to(device)
-    generator = torch.Generator().manual_seed(seed)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
-    calibration_seconds = 0.0
-    if method != "full" and peft_sparse.requires_calibration(model):
-        started = time.perf_counter()
-        probe = torch.Generator().manual_seed(10_000 + seed)
-        batches = []
-        for batch in _batches(train_enc, train_labels, args.batch_size, probe, tokenizer, shuffle=True):
-            if num_labels == 1:
-                batch["labels"] = batch["labels"].float()
-            batches.append(batch)
-            if len(batches) == 25:
-                break
-        with autocast:
-            peft_sparse.calibrate(model, batches)
-        calibration_seconds = time.perf_counter() - started
-    params = [p for p in model.parameters() if p.requires_grad]
-    trainable = sum(p.numel() for p in params)
-    steps_per_epoch = math.ceil(len(train_labels) / args.batch_size)
-    total = steps_per_epoch * spec["epochs"]
-    tuner = getattr(model, "base_model", None)
-    if hasattr(tuner, "set_total_steps"):
-        tuner.set_total_steps(total)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=spec["recipe"]["weight_decay"])
-    schedule = get_linear_schedule_with_warmup(optimizer, int(spec["recipe"]["warmup"] * total), total)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    eval_every = max(1, total // spec["eval_points"]) if spec.get("eval_points") else None
-    losses, step_times, curve, eval_curve = [], [], [], []
-    step = 0
-    started = time.perf_counter()
-    model.train()
-    for _ in range(spec["epochs"]):
-        for batch in _batches(train_enc, train_labels, args.batch_size, generator, tokenizer, shuffle=True,
-                              group_by_length=args.group_by_length):
-            t0 = time.perf_counter()
-            batch = {k: v.to(device) for k, v in batch.items()}
-            if num_labels == 1:
-                batch["labels"] = batch["labels"].float()
-            with autocast:
-                loss = model(**batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            schedule.step()
-            if hasattr(tuner, "update_and_allocate"):
-                tuner.update_and_allocate(step)
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            step_times.append(time.perf_counter() - t0)
-            step += 1
-            if step % max(1, total // 20) == 0 or step == total:
-                curve.append([step, float(np.mean(losses[-max(1, total // 20):]))])
-            if eval_every and step % eval_every == 0 and step < total:
-                metrics = _evaluate(model, task, eval_enc, eval_labels, tokenizer, device, autocast)
-                eval_curve.append([step, 100 * metrics[task_spec["primary"]]])
-    train_seconds = time.perf_counter() - started
-    metrics = _evaluate(model, task, eval_enc, eval_labels, tokenizer, device, autocast)
-    if eval_every:
-        eval_curve.append([total, 100 * metrics[task_spec["primary"]]])
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _peak_rss_mib()
-    row = {
-        "score": 100 * metrics[task_spec["primary"]],
-        "metrics": {k: 100 * v for k, v in metrics.items()},
-        "trainable": trainable,
-        "train_rows": len(train_labels),
-        "steps": total,
-        "median_step_ms": 1000 * statistics.median(step_times[3:] or step_times),
-        "train_seconds": train_seconds,
-        "calibration_seconds": calibration_seconds,
-        "peak_mib": peak,
-        "final_loss": float(np.mean(losses[-max(1, total // 20):])),
-        "loss_curve": curve,
-        "peft_sparse": peft_sparse.__version__,
-        "run_seconds": time.perf_counter() - run_started,
-    }
-    if eval_curve:
-        row["eval_curve"] = eval_curve
-    if method == "full":
-        row["block_change"] = _block_change(model, reference_state)
-    if method == "layerselect":
-        row["layers"] = model.peft_config["default"].layers
-    return row
-
-
-def _peak_rss_mib() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 # --------------------------------------------------------------------------------------------- planning
 
 #: Variants that share another variant's learning-rate sweep (same method, same scale of update).
@@ -398,7 +187,7 @@ LR_SOURCE = {
 NUM_BLOCKS = 6  # all-MiniLM-L6-v2
 
 
-def resolve_options(variant: str, task: str, seed: int, rows: list[dict], code: str) -> Optional[dict[str, Any]]:
+def resolve_options(variant: str, task: str, seed: int, rows: list[dict]) -> Optional[dict[str, Any]]:
     """The variant's factory options for this run; None while they depend on runs not done yet (``ftdist``
     needs the full fine-tuning run of the same task and seed)."""
     options = dict(VARIANTS[variant][1])
@@ -411,7 +200,7 @@ def resolve_options(variant: str, task: str, seed: int, rows: list[dict], code: 
         elif how == "random":
             options["layers"] = sorted(np.random.RandomState(seed).choice(NUM_BLOCKS, k, replace=False).tolist())
         else:  # ftdist: the blocks full fine-tuning moved most (relative L1), measured once per task and seed
-            full = [r for r in rows if r["code"] == code and r["config"]["variant"] == "full"
+            full = [r for r in rows if is_current(r) and r["config"]["variant"] == "full"
                     and r["config"]["task"] == task and r["config"]["kind"] == "claim" and "block_change" in r
                     and r["config"]["seed"] == seed and r["config"]["fraction"] == 1.0]
             if not full:
@@ -423,7 +212,7 @@ def resolve_options(variant: str, task: str, seed: int, rows: list[dict], code: 
 
 def run_config(spec: dict[str, Any], args) -> dict[str, Any]:
     """What identifies a run (hashed into its key)."""
-    return dict(kind=spec["kind"], task=spec["task"], variant=spec["variant"], method=VARIANTS[spec["variant"]][0],
+    return dict(kind=spec["kind"], task=spec["task"], variant=spec["variant"], method=spec["method"],
                 options=spec["options"], seed=spec["seed"], lr=spec["lr"], epochs=spec["epochs"],
                 fraction=spec["fraction"], recipe=spec["recipe"], eval_points=spec.get("eval_points"),
                 batch_size=args.batch_size, max_length=args.max_length or MAX_LENGTH[spec["task"]],
@@ -431,12 +220,12 @@ def run_config(spec: dict[str, Any], args) -> dict[str, Any]:
                 bf16=args.bf16, group_by_length=args.group_by_length)
 
 
-def chosen_lr(variant: str, rows: list[dict], code: str) -> Optional[float]:
+def chosen_lr(variant: str, rows: list[dict]) -> Optional[float]:
     """The swept learning rate with the best held-out score, or None before the sweep ran."""
     source = LR_SOURCE.get(variant, variant)
     grid = LR_GRID[source]
     done = {r["config"]["lr"]: r["score"] for r in rows
-            if r["config"]["kind"] == "sweep" and r["config"]["variant"] == source and r["code"] == code}
+            if r["config"]["kind"] == "sweep" and r["config"]["variant"] == source and is_current(r)}
     if any(lr not in done for lr in grid):
         return None
     return max(grid, key=lambda lr: done[lr])
@@ -474,7 +263,7 @@ def parse_variants(text: str) -> list[str]:
     return names
 
 
-def plan(args, rows: list[dict], code: str) -> list[dict[str, Any]]:
+def plan(args, rows: list[dict]) -> list[dict[str, Any]]:
     """The runs of ``--claims``, sweeps first, then by claim, task, fraction, seed and variant. Runs whose learning
     rate or options wait for other runs carry None there."""
     todo = []
@@ -487,8 +276,9 @@ def plan(args, rows: list[dict], code: str) -> list[dict[str, Any]]:
                 continue
             swept.append(source)
             for lr in LR_GRID[source]:
-                options = resolve_options(source, SWEEP["task"], SWEEP["seed"], rows, code)
-                todo.append(dict(kind="sweep", task=SWEEP["task"], variant=source, seed=SWEEP["seed"], lr=lr,
+                options = resolve_options(source, SWEEP["task"], SWEEP["seed"], rows)
+                todo.append(dict(kind="sweep", task=SWEEP["task"], variant=source, method=VARIANTS[source][0],
+                                 seed=SWEEP["seed"], lr=lr,
                                  epochs=args.epochs or SWEEP["epochs"], recipe=PAPER_RECIPE, fraction=1.0,
                                  options=options))
     for number, claim in zip(args.claims, claims):
@@ -497,26 +287,27 @@ def plan(args, rows: list[dict], code: str) -> list[dict[str, Any]]:
                 for seed in range(args.seeds or claim["seeds"]):
                     for variant in claim_variants(claim, args):
                         epochs = claim["epochs"][variant] if isinstance(claim["epochs"], dict) else claim["epochs"]
-                        todo.append(dict(kind="claim", task=task, variant=variant, seed=seed, fraction=fraction,
-                                         lr=claim.get("lr") or chosen_lr(variant, rows, code),
+                        todo.append(dict(kind="claim", task=task, variant=variant, method=VARIANTS[variant][0], seed=seed,
+                                         fraction=fraction,
+                                         lr=claim.get("lr") or chosen_lr(variant, rows),
                                          epochs=args.epochs or epochs, recipe=claim["recipe"],
                                          eval_points=claim.get("eval_points"),
-                                         options=resolve_options(variant, task, seed, rows, code)))
+                                         options=resolve_options(variant, task, seed, rows)))
     return todo
 
 
 def execute(args) -> None:
     path = Path(args.results)
-    code, commit = code_hash(), git_commit()
+    commit = git_commit()
     cache: dict = {}
     deadline = time.time() + 60 * args.deadline_min if args.deadline_min else None
     index, count = (int(v) for v in args.shard.split("/"))
     done_runs = 0
     while True:
         rows = read_rows(path)
-        done = {r["key"] for r in rows if r.get("code") == code}
+        done = {r["key"] for r in rows if is_current(r)}
         pending, waiting = [], 0
-        for spec in plan(args, rows, code):
+        for spec in plan(args, rows):
             if spec["lr"] is None or spec["options"] is None:
                 waiting += 1
                 continue  # waits for its sweep, or for the run its options come from
@@ -535,7 +326,7 @@ def execute(args) -> None:
             print(f"deadline reached; {len(pending)} runs left", flush=True)
             break
         result = run_one(spec, args, cache)
-        row = {"key": key, "code": code, "commit": commit, "config": run_config(spec, args), **result,
+        row = {"key": key, "code": code_hash(spec["method"]), "commit": commit, "config": run_config(spec, args), **result,
                "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
         append_row(path, row)
         done_runs += 1
@@ -591,15 +382,14 @@ def plan_table(args) -> str:
     """``--plan``: the runs of ``--claims`` (with ``--tasks`` / ``--variants``), how many are done, and the CPU
     minutes left, estimated from the finished runs of the same task and kind (train + calibration + evaluation)."""
     rows = read_rows(Path(args.results))
-    code = code_hash()
-    current = [r for r in rows if r["code"] == code]
+    current = [r for r in rows if is_current(r)]
     done = {r["key"] for r in current}
     minutes: dict[tuple, list[float]] = {}
     for r in current:
         kind = "full" if r["config"]["method"] in ("full", "dps") else "peft"
         minutes.setdefault((r["config"]["task"], r["config"]["kind"], kind), []).append(r.get("run_seconds", r["train_seconds"]) / 60)
     groups: dict[tuple, list] = {}
-    for spec in plan(args, rows, code):
+    for spec in plan(args, rows):
         known = spec["lr"] is not None and spec["options"] is not None
         finished = known and config_key(run_config(spec, args)) in done
         kind = "full" if VARIANTS[spec["variant"]][0] in ("full", "dps") else "peft"
@@ -620,10 +410,9 @@ def plan_table(args) -> str:
 
 def report(args) -> str:
     rows = read_rows(Path(args.results))
-    code = code_hash()
-    current = [r for r in rows if r["code"] == code]
+    current = [r for r in rows if is_current(r)]
     stale = len(rows) - len(current)
-    lines = [f"Rows: {len(current)} current (code {code}), {stale} superseded by later code (not shown; rerun)."]
+    lines = [f"Rows: {len(current)} current, {stale} superseded by later code (not shown; rerun)."]
     sweeps = sorted((r for r in current if r["config"]["kind"] == "sweep"),
                     key=lambda r: (r["config"]["variant"], r["config"]["lr"]))
     if sweeps:
@@ -631,7 +420,7 @@ def report(args) -> str:
                       f"{SWEEP['heldout_rows']} other training rows, never the dev set; {SWEEP['epochs']} epochs, "
                       f"seed {SWEEP['seed']})", "", "| variant | lr | held-out score |", "|---|---:|---:|"]
         for r in sweeps:
-            mark = " (chosen)" if chosen_lr(r["config"]["variant"], current, code) == r["config"]["lr"] else ""
+            mark = " (chosen)" if chosen_lr(r["config"]["variant"], current) == r["config"]["lr"] else ""
             lines.append(f"| {r['config']['variant']} | {r['config']['lr']:g}{mark} | {r['score']:.2f} |")
     for claim_id, claim in CLAIMS.items():
         by = grouped(current, claim)
@@ -695,7 +484,7 @@ def plot(args, out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in read_rows(Path(args.results)) if r["code"] == code_hash()]
+    rows = [r for r in read_rows(Path(args.results)) if is_current(r)]
     markers = "osD^v<>pP*Xh"
     colours = plt.get_cmap("tab10").colors
     style = {v: (colours[i % 10], markers[i % len(markers)]) for i, v in enumerate(VARIANTS)}

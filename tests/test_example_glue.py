@@ -442,7 +442,7 @@ def test_evidence_harness_resumes_reruns_superseded_rows_and_reports(tmp_path, g
     assert sorted((r["config"]["variant"], r["config"]["seed"]) for r in claims) == [
         ("lora-r8", 0), ("lora-r8", 1), ("sparsemask-1pct", 0), ("sparsemask-1pct", 1)]
     for r in claims:  # each claim run trains at its variant's swept lr, and records what the tables need
-        assert r["config"]["lr"] == evidence.chosen_lr(r["config"]["variant"], rows, r["code"])
+        assert r["config"]["lr"] == evidence.chosen_lr(r["config"]["variant"], rows)
         assert r["loss_curve"] and r["trainable"] > 0 and r["run_seconds"] >= r["train_seconds"] > 0
     assert evidence.CLAIMS["1"]["judged"]["sparsemask-1pct"][0] == "lora-r8"
 
@@ -467,6 +467,40 @@ def test_evidence_harness_resumes_reruns_superseded_rows_and_reports(tmp_path, g
     assert "| claim | rte | adapter | 4 | 4 |" in plan and f"| sweep | sst2 | adapter | {n_sweeps} | {n_sweeps} |" in plan
     written = evidence.plot(args, tmp_path / "plots")
     assert written and all(p.suffix == ".png" and p.stat().st_size > 10_000 for p in written)
+
+
+def test_evidence_rows_are_superseded_only_by_code_their_method_runs(tmp_path):
+    """A row's code hash covers its method's code only: a fix to one tuner reruns that tuner's rows, not LoRA's or
+    another tuner's; the shared package code reruns every peft_sparse method; the run loop reruns everything."""
+    import shutil
+
+    for part in ("peft_sparse", "kernels"):
+        shutil.copytree(ROOT / part, tmp_path / part, ignore=shutil.ignore_patterns("__pycache__"))
+    for part in ("examples/methods.py", "examples/glue_data.py", "benchmarks/evidence_run.py"):
+        (tmp_path / part).parent.mkdir(exist_ok=True)
+        shutil.copy(ROOT / part, tmp_path / part)
+    run = _load("evidence_run_copy", tmp_path / "benchmarks" / "evidence_run.py")
+    methods_compared = ("lora", "full", "sparsemask", "mask", "learner", "dps")
+
+    def hashes():
+        run.code_hash.cache_clear()
+        return {m: run.code_hash(m) for m in methods_compared}
+
+    before = hashes()
+    assert before["sparsemask"] == before["mask"] and before["lora"] == before["full"] != before["sparsemask"]
+    with open(tmp_path / "peft_sparse" / "tuners" / "learner" / "layer.py", "a") as f:
+        f.write("\n# a fix to the Learner layer\n")
+    after_tuner = hashes()
+    assert [m for m in methods_compared if after_tuner[m] != before[m]] == ["learner"]
+    with open(tmp_path / "peft_sparse" / "sparse.py", "a") as f:
+        f.write("\n# a fix to the shared primitive\n")
+    after_shared = hashes()
+    assert [m for m in methods_compared if after_shared[m] != after_tuner[m]] == ["sparsemask", "mask", "learner", "dps"]
+    with open(tmp_path / "benchmarks" / "evidence_run.py", "a") as f:
+        f.write("\n# a change to the training loop\n")
+    after_loop = hashes()
+    assert all(after_loop[m] != after_shared[m] for m in methods_compared)
+    sys.path.remove(str(tmp_path / "examples"))
 
 
 def test_evidence_refuses_unknown_tasks_and_variants():
