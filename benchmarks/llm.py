@@ -405,9 +405,27 @@ def plot(results: dict, settings: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def merge_saved(results: dict, settings: dict, saved: dict) -> None:
+    """Take into ``results`` / ``settings`` what another command wrote to llm.json meanwhile (fields and commands
+    this process does not have), so that commands running at once, e.g. the quality phase of each base, add up."""
+    for key, fields in saved["results"].items():
+        for field, value in fields.items():
+            results.setdefault(key, {}).setdefault(field, value)
+    commands = settings.setdefault("commands", [settings["command"]])
+    commands[:0] = [c for c in saved["settings"].get("commands", [saved["settings"]["command"]]) if c not in commands]
+    for phase, values in saved["settings"].get("phases_run", {}).items():
+        settings.setdefault("phases_run", {}).setdefault(phase, values)
+    settings["bases"] = sorted(set(saved["settings"]["bases"]) | set(settings["bases"]), key=list(BASES).index)
+
+
 def write_outputs(args, results: dict, settings: dict) -> None:
     out = Path(args.out_dir)
-    (out / "llm.json").write_text(json.dumps({"settings": settings, "results": results}, indent=1))
+    saved = out / "llm.json"
+    if saved.exists() and not (args.report or args.fresh):
+        merge_saved(results, settings, json.loads(saved.read_text()))
+    partial = saved.with_suffix(".json.tmp")  # written whole, then renamed: a reader never sees half a file
+    partial.write_text(json.dumps({"settings": settings, "results": results}, indent=1))
+    os.replace(partial, saved)
     (out / "llm.md").write_text(table(results, settings))
     plot(results, settings, out / "llm.png")
 
@@ -463,14 +481,7 @@ def main(argv=None) -> None:
     results: dict[str, dict] = {}
     saved = out / "llm.json"
     if saved.exists() and not args.fresh:  # phases run separately add to one file; each keeps its own command
-        previous = json.loads(saved.read_text())
-        results = previous["results"]
-        commands = [c for c in previous["settings"].get("commands", [previous["settings"]["command"]])
-                    if c != settings["command"]]
-        settings["commands"] = [*commands, settings["command"]]
-        settings["phases_run"] = previous["settings"].get("phases_run", {})
-        settings["bases"] = sorted(set(previous["settings"]["bases"]) | set(settings["bases"]),
-                                   key=list(BASES).index)
+        merge_saved(results, settings, json.loads(saved.read_text()))
     for phase in args.phases.split(","):  # memory first: fresh processes before this one builds any model
         settings.setdefault("phases_run", {})[phase] = {k: getattr(args, k) for k in PHASE_SETTINGS[phase]}
         if phase == "quality":

@@ -80,7 +80,7 @@ def test_report_writes_the_table_and_a_plot(tmp_path):
     settings = {"model": "m", "command": "python benchmarks/llm.py", "machine": "cpu", "torch": "2", "threads": 2,
                 "repeats": 3, "warmup": 1, "batch_size": 8, "length": 64, "train_steps": 3, "eval_samples": 10,
                 "bases": ["fp32", "4bit"]}
-    args = Namespace(out_dir=str(tmp_path))
+    args = Namespace(out_dir=str(tmp_path), report=False, fresh=False)
     llm.write_outputs(args, results, settings)
     table = (tmp_path / "llm.md").read_text()
     assert "answer accuracy before training: 70.0" in table and "4bit" not in table.split("## fp32")[1]
@@ -89,3 +89,25 @@ def test_report_writes_the_table_and_a_plot(tmp_path):
     assert (tmp_path / "llm.png").stat().st_size > 10_000
     llm.main(["--report", "--out-dir", str(tmp_path)])  # rebuilt from llm.json alone
     assert (tmp_path / "llm.md").read_text() == table
+
+
+def test_commands_running_at_once_add_up_in_llm_json(tmp_path):
+    """The quality phase of each base may run in its own command at the same time: each save keeps what the other
+    wrote meanwhile (its methods' fields and its command) instead of overwriting it."""
+    import json
+
+    def settings(command, base):
+        return {"model": "m", "command": command, "commands": [command], "machine": "cpu", "torch": "2",
+                "bases": [base], "phases_run": {"quality": {"train_steps": 3}}}
+
+    args = Namespace(out_dir=str(tmp_path), report=False, fresh=False)
+    first = {"lora-r8@fp32": {"score": 0.8, "median_step_s": 1.2}}
+    second = {"lora-r8@4bit": {"score": 0.7}, "lora-r8@fp32": {"median_step_s": 1.2}}  # loaded before 'score'
+    llm.write_outputs(args, first, settings("quality fp32", "fp32"))
+    llm.write_outputs(args, second, settings("quality 4bit", "4bit"))
+    saved = json.loads((tmp_path / "llm.json").read_text())
+    assert saved["results"] == {"lora-r8@fp32": {"score": 0.8, "median_step_s": 1.2}, "lora-r8@4bit": {"score": 0.7}}
+    assert saved["settings"]["commands"] == ["quality fp32", "quality 4bit"]
+    assert saved["settings"]["bases"] == ["fp32", "4bit"]
+    llm.write_outputs(Namespace(out_dir=str(tmp_path), report=False, fresh=True), {"x@fp32": {}}, settings("new", "fp32"))
+    assert json.loads((tmp_path / "llm.json").read_text())["results"] == {"x@fp32": {}}  # --fresh starts over
