@@ -7,8 +7,8 @@ configuration (learning rate, options, recipe, data) and by ``code``, a hash of 
 (``evidence_run.py``, where the training loop lives, ``examples/methods.py``, ``examples/glue_data.py`` and, for
 peft_sparse methods, the package's shared modules, the kernels and that method's tuner): a row whose code hash
 differs from the checkout's is superseded, shown as such and run again. So a fix to one tuner reruns that
-tuner's rows only, and a change to the plan or the report here reruns nothing. The commit is recorded too, but does not key rows, so
-that a README commit does not throw away hours of runs.
+tuner's rows only, and a change to the plan or the report here reruns nothing. The commit is recorded too, but
+does not key rows, so that a README commit does not throw away hours of runs.
 
 Runs train in this process with a plain PyTorch loop (AdamW, linear schedule with warm-up, gradient clipping at
 1.0; batches grouped by length as the Trainer's ``group_by_length=True`` groups them, which roughly halves the CPU

@@ -38,17 +38,19 @@ TUNER_OF_METHOD = {"sparsemask": "sparsemask", "mask": "sparsemask", "dps": "dps
 
 @functools.lru_cache(maxsize=None)
 def code_hash(method: str) -> str:
-    """A hash of the sources a run of ``method`` executes: this file, the factory and the data code, plus for a
-    peft_sparse method the package's shared modules, the kernels and its tuner (cached: the code a process runs
-    is the code it imported)."""
+    """A hash of the sources a run of ``method`` executes: this file, the factory, the data code and the two
+    package modules every run calls (``requires_calibration``; the layer stack of full FT's block change), plus
+    for a peft_sparse method the package's shared modules, the kernels and its tuner (cached: the code a process
+    runs is the code it imported)."""
     files = [Path(__file__).resolve(), ROOT / "examples" / "methods.py", ROOT / "examples" / "glue_data.py"]
+    files += [ROOT / "peft_sparse" / "calibration.py", ROOT / "peft_sparse" / "modules.py"]  # every run calls these
     if method in TUNER_OF_METHOD:
         package = ROOT / "peft_sparse"
         files += sorted(package.glob("*.py")) + sorted((package / "tuners").glob("*.py"))
         files += sorted((package / "tuners" / TUNER_OF_METHOD[method]).rglob("*.py"))
         files += sorted((ROOT / "kernels").rglob("*.py"))
     digest = hashlib.sha256()
-    for path in files:
+    for path in dict.fromkeys(files):  # each file once, in order
         digest.update(path.relative_to(ROOT).as_posix().encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
