@@ -293,9 +293,13 @@ def phase_settings(settings: dict) -> str:
     s = {phase: defaultdict(lambda: "-", settings.get("phases_run", {}).get(phase, settings))
          for phase in PHASE_SETTINGS}
     m, t, q = s["memory"], s["timing"], s["quality"]
-    return (f"Memory: each method alone, {m['alone_steps']} steps, {m['threads']} threads. Step time: {t['threads']} "
-            f"threads, {t['repeats']} interleaved rounds after {t['warmup']} warm-up, batches of {t['batch_size']} x "
-            f"{t['length']} tokens. Quality: {q['threads']} threads, {q['train_steps']} steps of {q['batch_size']} rows "
+
+    def threads(phase) -> str:
+        return f"{phase['threads']} thread{'' if phase['threads'] == 1 else 's'}"
+
+    return (f"Memory: each method alone, {m['alone_steps']} steps, {threads(m)}. Step time: {threads(t)}, "
+            f"{t['repeats']} interleaved rounds after {t['warmup']} warm-up, batches of {t['batch_size']} x "
+            f"{t['length']} tokens. Quality: {threads(q)}, {q['train_steps']} steps of {q['batch_size']} rows "
             f"({q['train_samples']} training rows), accuracy on {q['eval_samples']} SST-2 dev rows.")
 
 
@@ -411,8 +415,9 @@ def merge_saved(results: dict, settings: dict, saved: dict) -> None:
     for key, fields in saved["results"].items():
         for field, value in fields.items():
             results.setdefault(key, {}).setdefault(field, value)
-    commands = settings.setdefault("commands", [settings["command"]])
-    commands[:0] = [c for c in saved["settings"].get("commands", [saved["settings"]["command"]]) if c not in commands]
+    earlier = saved["settings"].get("commands", [saved["settings"]["command"]])  # in the order they first saved
+    mine = settings.get("commands", [settings["command"]])
+    settings["commands"] = [*earlier, *(c for c in mine if c not in earlier)]
     for phase, values in saved["settings"].get("phases_run", {}).items():
         settings.setdefault("phases_run", {}).setdefault(phase, values)
     settings["bases"] = sorted(set(saved["settings"]["bases"]) | set(settings["bases"]), key=list(BASES).index)
