@@ -320,7 +320,7 @@ def table(results: dict, settings: dict) -> str:
         before = next((v["score_before"] for v in rows.values() if v.get("score_before") is not None), None)
         lines += [f"## {base} base" + (f" (answer accuracy before training: {100 * before:.1f})" if before else ""), "",
                   "| method | trained entries | adapter | median step | vs floor | vs LoRA r=8 | peak RSS | final loss "
-                  "| accuracy |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  f"(last {SMOOTHING} steps) | accuracy |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, r in rows.items():
             s = r.get("median_step_s")
             curve = r.get("loss_curve") or []
@@ -328,7 +328,7 @@ def table(results: dict, settings: dict) -> str:
                 f"| {name} | {fmt(r.get('trained_entries', r.get('trainable')), ',')} | "
                 f"{fmt(r.get('adapter_bytes') and r['adapter_bytes'] / 1e6, '.2f')} MB | {fmt(s, '.3f')} s | "
                 f"{fmt(s and floor and s / floor, '.2f')} | {fmt(s and lora and s / lora, '.2f')} | "
-                f"{fmt(r.get('peak_rss_mib'), ',.0f')} MiB | {fmt(curve[-1][1] if curve else None, '.3f')} | "
+                f"{fmt(r.get('peak_rss_mib'), ',.0f')} MiB | {fmt(smoothed(curve)[-1][1] if curve else None, '.3f')} | "
                 f"{fmt(None if r.get('score') is None else 100 * r['score'], '.1f')} |")
         lines.append("")
     return "\n".join(lines).replace(" - MB", " -").replace(" - s |", " - |").replace(" - MiB", " -")
@@ -342,6 +342,15 @@ def spread(values: list[float], gap: float) -> list[float]:
         placed[i] = values[i] if rank == 0 else max(values[i], placed[order[rank - 1]] + gap)
     shift = (max(placed) - max(values)) / 2 if values else 0.0  # recentre what the pushes moved up
     return [p - shift for p in placed]
+
+
+SMOOTHING = 5  # steps per point of the plotted loss curves (the batches are 8 rows: per-step losses are noisy)
+
+
+def smoothed(curve: list) -> list:
+    """``(step, loss)`` points averaged over consecutive windows of ``SMOOTHING`` steps, at each window's last step."""
+    windows = [curve[i : i + SMOOTHING] for i in range(0, len(curve), SMOOTHING)]
+    return [[w[-1][0], sum(l for _, l in w) / len(w)] for w in windows]
 
 
 def plot(results: dict, settings: dict, path: Path) -> None:
@@ -361,7 +370,7 @@ def plot(results: dict, settings: dict, path: Path) -> None:
                              gridspec_kw={"width_ratios": [1.4, 1, 1]})
     for (curves, speed, accuracy), base in zip(axes, bases):
         rows = {n: results[f"{n}@{base}"] for n in names if f"{n}@{base}" in results}
-        ends = {n: r["loss_curve"] for n, r in rows.items() if r.get("loss_curve")}
+        ends = {n: smoothed(r["loss_curve"]) for n, r in rows.items() if r.get("loss_curve")}
         for name, curve in ends.items():
             steps, losses = zip(*curve)
             curves.plot(steps, losses, color=colours[name], marker=markers[name], markersize=4,
@@ -375,7 +384,8 @@ def plot(results: dict, settings: dict, path: Path) -> None:
                 curves.annotate(name, xy=curve[-1], xytext=(last * 1.04, y), fontsize=8, color=colours[name],
                                 va="center", arrowprops=dict(arrowstyle="-", color=colours[name], lw=0.5))
             curves.set_xlim(right=last * 1.45)
-        curves.set(title=f"{base} base: training loss on the answer tokens", xlabel="optimizer step", ylabel="loss")
+        curves.set(title=f"{base} base: training loss on the answer tokens (mean of {SMOOTHING} steps)",
+                   xlabel="optimizer step", ylabel="loss")
         floor = rows.get(FLOOR, {}).get("median_step_s")
         timed = sorted((r["median_step_s"] / floor, n) for n, r in rows.items() if floor and r.get("median_step_s"))
         order = [n for _, n in timed] + [n for n in rows if n not in {m for _, m in timed}]
@@ -398,6 +408,10 @@ def plot(results: dict, settings: dict, path: Path) -> None:
             accuracy.annotate("before training", (100 * before, len(order) - 0.5), fontsize=8, color="grey",
                               xytext=(3, 0), textcoords="offset points")
         accuracy.set(title=f"{base} base: held-out answer accuracy", xlabel="accuracy (%)")
+        if not ends:  # the quality phase did not run on this base
+            for ax in (curves, accuracy):
+                ax.text(0.5, 0.5, "not measured on this base\n(quality phase not run)", transform=ax.transAxes,
+                        ha="center", va="center", color="grey")
         for ax in (speed, accuracy):
             ax.set_yticks(range(len(order)), order, fontsize=8)
             ax.set_ylim(-0.7, len(order) - 0.3)

@@ -84,7 +84,7 @@ def test_report_writes_the_table_and_a_plot(tmp_path):
     llm.write_outputs(args, results, settings)
     table = (tmp_path / "llm.md").read_text()
     assert "answer accuracy before training: 70.0" in table and "4bit" not in table.split("## fp32")[1]
-    assert "| lora-r8 | 1,000 | 0.00 MB | 1.250 s | 1.25 | 1.00 | 950 MiB | 0.600 | 80.0 |" in table
+    assert "| lora-r8 | 1,000 | 0.00 MB | 1.250 s | 1.25 | 1.00 | 950 MiB | 0.733 | 80.0 |" in table  # loss: 3-step mean
     assert "| sparsemask-1pct | 500 |" in table and "| 1.10 | 0.88 |" in table
     assert (tmp_path / "llm.png").stat().st_size > 10_000
     llm.main(["--report", "--out-dir", str(tmp_path)])  # rebuilt from llm.json alone
