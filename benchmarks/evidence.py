@@ -255,6 +255,17 @@ def parse_tasks(text: str) -> dict[str, list[str]]:
     return result
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/n' with 0 <= i < n: a shard numbered outside that range would silently run nothing."""
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard {text!r} is not 'i/n' (e.g. 0/2 and 1/2)") from None
+    if count < 1 or not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: shards are numbered from 0, so i must lie in 0..{count - 1}")
+    return index, count
+
+
 def parse_variants(text: str) -> list[str]:
     names = text.split(",")
     unknown = [v for v in names if v not in VARIANTS]
@@ -301,7 +312,7 @@ def execute(args) -> None:
     commit = git_commit()
     cache: dict = {}
     deadline = time.time() + 60 * args.deadline_min if args.deadline_min else None
-    index, count = (int(v) for v in args.shard.split("/"))
+    index, count = args.shard
     done_runs = 0
     while True:
         rows = read_rows(path)
@@ -563,7 +574,7 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU")
     parser.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
                         help="plain shuffled batches (default: grouped by length, the Trainer's group_by_length)")
-    parser.add_argument("--shard", default="0/1", help="i/n: run only this shard of the runs (parallel processes)")
+    parser.add_argument("--shard", type=parse_shard, default=(0, 1), help="i/n: run only this shard of the runs (parallel processes)")
     parser.add_argument("--deadline-min", type=float, default=None, help="start no run after this many minutes")
     parser.add_argument("--limit-rows", type=int, default=None, help="cap every split (smoke tests only)")
     parser.add_argument("--epochs", type=int, default=None, help="override the claims' epochs (smoke tests only)")

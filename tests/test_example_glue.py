@@ -513,6 +513,14 @@ def test_evidence_refuses_unknown_tasks_and_variants():
     assert evidence.claim_tasks("4", evidence.CLAIMS["4"], args) == ["rte"]
 
 
+@pytest.mark.parametrize("shard", ["2/2", "-1/2", "0/0", "1", "a/b"])
+def test_evidence_refuses_a_shard_that_would_run_nothing(shard, capsys):
+    with pytest.raises(SystemExit):
+        evidence.parse_args(["--shard", shard, "--model", "x"])
+    assert "--shard" in capsys.readouterr().err
+    assert evidence.parse_args(["--shard", "1/2", "--model", "x"]).shard == (1, 2)
+
+
 def test_factory_leaves_dps_model_scope_its_own_targets(tiny_model_dir):
     from transformers import AutoModelForSequenceClassification
 
