@@ -366,6 +366,27 @@ def interval(values: list[float]) -> tuple[float, float, float]:
     return mean, std, t95(n - 1) * std / math.sqrt(n) if n > 1 else float("nan")
 
 
+#: F(0.975; d, d): the two-sided 95% quantile of the variance ratio of two samples of d + 1 seeds each.
+F975_EQUAL = {1: 647.79, 2: 39.00, 3: 15.44, 4: 9.605, 5: 7.146, 6: 5.820, 7: 4.995, 8: 4.433, 9: 4.026}
+
+
+def std_ratio_interval(std: float, other_std: float, n: int, other_n: int) -> tuple[float, float]:
+    """95% interval of std / other_std from the F distribution, for equal seed counts (nan otherwise)."""
+    f = F975_EQUAL.get(n - 1) if n == other_n else None
+    if f is None or other_std == 0:
+        return float("nan"), float("nan")
+    ratio = std / other_std
+    return ratio / math.sqrt(f), ratio * math.sqrt(f)
+
+
+def stability_verdict(low: float, high: float) -> str:
+    if high < 1.0:
+        return "more stable"
+    if low > 1.0:
+        return "less stable"
+    return "inconclusive"
+
+
 def verdict(low: float, high: float) -> str:
     """Issue 11's rule on the 95% interval of (ours − baseline), in points."""
     if low > -1.0:
@@ -387,6 +408,38 @@ def grouped(rows: list[dict], claim: dict) -> dict[tuple, dict[int, dict]]:
         if c["kind"] == "claim" and c["variant"] in claim["variants"] and c["task"] in claim["tasks"]:
             by.setdefault((c["task"], c["fraction"], c["variant"]), {})[c["seed"]] = r
     return by
+
+
+def comparisons(by: dict[tuple, dict[int, dict]], claim: dict) -> list[dict[str, Any]]:
+    """Each judged (ours, baseline) pair of a claim with at least two paired seeds: both scores and the paired
+    difference, mean and 95% interval, and its verdict."""
+    out = []
+    for (task, fraction, variant), seeds in sorted(by.items()):
+        for baseline in claim["judged"].get(variant, []):
+            other = by.get((task, fraction, baseline), {})
+            common = sorted(set(seeds) & set(other))
+            if len(common) < 2:
+                continue
+            diff, _, half = interval([seeds[s]["score"] - other[s]["score"] for s in common])
+            out.append(dict(task=task, fraction=fraction, ours=variant, baseline=baseline, seeds=len(common),
+                            ours_score=interval([seeds[s]["score"] for s in common]),
+                            baseline_score=interval([other[s]["score"] for s in common]),
+                            diff=diff, low=diff - half, high=diff + half, verdict=verdict(diff - half, diff + half)))
+    return out
+
+
+def summary(rows: list[dict]) -> str:
+    """One line per judged comparison of every claim (the README's table): both scores with their 95% intervals
+    over the paired seeds, the paired difference and the verdict."""
+    lines = ["| claim | task | data | ours | score [95% CI] | baseline | score [95% CI] | seeds | ours − baseline "
+             "[95% CI] | verdict |", "|---|---|---:|---|---:|---|---:|---:|---:|---|"]
+    for claim_id, claim in CLAIMS.items():
+        for c in comparisons(grouped(rows, claim), claim):
+            (om, _, oh), (bm, _, bh) = c["ours_score"], c["baseline_score"]
+            lines.append(f"| {claim_id} | {c['task']} | {c['fraction']:.0%} | {c['ours']} | {om:.2f} ± {oh:.2f} | "
+                         f"{c['baseline']} | {bm:.2f} ± {bh:.2f} | {c['seeds']} | {c['diff']:+.2f} "
+                         f"[{c['low']:+.2f}, {c['high']:+.2f}] | {c['verdict']} |")
+    return "\n".join(lines)
 
 
 def plan_table(args) -> str:
@@ -423,7 +476,9 @@ def report(args) -> str:
     rows = read_rows(Path(args.results))
     current = [r for r in rows if is_current(r)]
     stale = len(rows) - len(current)
-    lines = [f"Rows: {len(current)} current, {stale} superseded by later code (not shown; rerun)."]
+    lines = [f"Rows: {len(current)} current, {stale} superseded by later code (not shown; rerun).", "",
+             "### Summary: every judged comparison (verdict on the 95% interval of the paired difference: "
+             "confirmed above −1 point, refuted below −1, inconclusive otherwise)", "", summary(current)]
     sweeps = sorted((r for r in current if r["config"]["kind"] == "sweep"),
                     key=lambda r: (r["config"]["variant"], r["config"]["lr"]))
     if sweeps:
@@ -449,26 +504,24 @@ def report(args) -> str:
                          f"±{half:.2f} | {any_row['trainable']:,} | {step:.0f} | {any_row['config']['lr']:g} |")
         lines += ["", "| task | data | ours | baseline | paired seeds | ours − baseline, mean [95% CI] | verdict |",
                   "|---|---:|---|---|---:|---:|---|"]
-        for (task, fraction, variant), seeds in sorted(by.items()):
-            for baseline in claim["judged"].get(variant, []):
-                other = by.get((task, fraction, baseline), {})
-                common = sorted(set(seeds) & set(other))
-                if len(common) < 2:
-                    continue
-                diffs = [seeds[s]["score"] - other[s]["score"] for s in common]
-                mean, _, half = interval(diffs)
-                lines.append(f"| {task} | {fraction:.0%} | {variant} | {baseline} | {len(common)} | {mean:+.2f} "
-                             f"[{mean - half:+.2f}, {mean + half:+.2f}] | {verdict(mean - half, mean + half)} |")
+        for c in comparisons(by, claim):
+            lines.append(f"| {c['task']} | {c['fraction']:.0%} | {c['ours']} | {c['baseline']} | {c['seeds']} | "
+                         f"{c['diff']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}] | {c['verdict']} |")
         if claim_id == "4":
-            lines += ["", "Stability (std over seeds; the DPS claim is that DPS varies less than full fine-tuning):", "",
-                      "| task | variant | std | full FT std | ratio |", "|---|---|---:|---:|---:|"]
+            lines += ["", "Stability (std over seeds; the DPS claim is that DPS varies less than full fine-tuning). "
+                          "The 95% interval of the std ratio is the F test's (equal seed counts); more stable when it "
+                          "lies below 1, less stable above 1:", "",
+                      "| task | variant | std | full FT std | ratio [95% CI] | verdict |", "|---|---|---:|---:|---:|---|"]
             for (task, fraction, variant), seeds in sorted(by.items()):
                 full = by.get((task, fraction, "full"), {})
                 if variant == "full" or len(seeds) < 2 or len(full) < 2:
                     continue
                 std = statistics.stdev(r["score"] for r in seeds.values())
                 full_std = statistics.stdev(r["score"] for r in full.values())
-                lines.append(f"| {task} | {variant} | {std:.2f} | {full_std:.2f} | {std / full_std:.2f} |")
+                low, high = std_ratio_interval(std, full_std, len(seeds), len(full))
+                shown = "n/a" if full_std == 0 else f"{std / full_std:.2f} [{low:.2f}, {high:.2f}]"
+                lines.append(f"| {task} | {variant} | {std:.2f} | {full_std:.2f} | {shown} | "
+                             f"{stability_verdict(low, high)} |")
         if claim_id == "5":
             lines += ["", "Convergence: optimizer steps until the dev score reaches 95% of full fine-tuning's final "
                           "score (mean over seeds; never = did not reach it):", "",

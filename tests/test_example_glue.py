@@ -469,6 +469,31 @@ def test_evidence_harness_resumes_reruns_superseded_rows_and_reports(tmp_path, g
     assert written and all(p.suffix == ".png" and p.stat().st_size > 10_000 for p in written)
 
 
+def _claim_row(task, variant, seed, score):
+    return {"config": {"kind": "claim", "task": task, "variant": variant, "seed": seed, "fraction": 1.0},
+            "score": score}
+
+
+def test_evidence_verdicts_and_stability_by_hand():
+    # paired differences +1, 0, +2 (mean 1, std 1, t(2) = 4.303): interval 1 ± 2.484, low above -1? no -> inconclusive
+    rows = [_claim_row("mrpc", "sparsemask-lora-equal", s, v) for s, v in enumerate([81.0, 80.0, 82.0])]
+    rows += [_claim_row("mrpc", "lora-r8", s, 80.0) for s in range(3)]
+    (line,) = [x for x in evidence.summary(rows).splitlines() if "| lora-r8 |" in x]
+    assert "| 1 | mrpc | 100% | sparsemask-lora-equal | 81.00 ± 2.48 | lora-r8 | 80.00 ± 0.00 | 3 |" in line
+    assert "+1.00 [-1.48, +3.48] | inconclusive |" in line
+    # differences +1.0, +1.1, +0.9: a tight interval above -1 -> confirmed; -3.0, -3.1, -2.9 -> refuted
+    for shift, expected in ((1.0, "confirmed"), (-3.0, "refuted")):
+        ours = [_claim_row("rte", "sparsemask-1pct", s, 70.0 + shift + d) for s, d in enumerate([0.0, 0.1, -0.1])]
+        base = [_claim_row("rte", "lora-r8", s, 70.0) for s in range(3)]
+        (line,) = [x for x in evidence.summary(ours + base).splitlines() if x.startswith("| 1 | rte")]
+        assert line.endswith(f"| {expected} |")
+    # the F interval of a std ratio, 5 seeds each: ratio * / sqrt(F(0.975; 4, 4) = 9.605)
+    low, high = evidence.std_ratio_interval(1.0, 4.0, 5, 5)
+    assert (round(low, 3), round(high, 3)) == (0.081, 0.775) and evidence.stability_verdict(low, high) == "more stable"
+    assert evidence.stability_verdict(*evidence.std_ratio_interval(2.0, 1.0, 5, 5)) == "inconclusive"
+    assert math.isnan(evidence.std_ratio_interval(1.0, 2.0, 5, 3)[0])  # unequal seed counts: no interval claimed
+
+
 def test_evidence_rows_are_superseded_only_by_code_their_method_runs(tmp_path):
     """A row's code hash covers its method's code only: a fix to one tuner reruns that tuner's rows, not LoRA's or
     another tuner's; the shared package code reruns every peft_sparse method; the run loop reruns everything."""
