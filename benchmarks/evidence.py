@@ -36,6 +36,7 @@ import os
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -400,12 +401,22 @@ def steps_to_reach(curve: list, target: float) -> Optional[int]:
     return next((step for step, score in curve if score >= target), None)
 
 
+def belongs(config: dict[str, Any], claim: dict[str, Any]) -> bool:
+    """Whether a run is one of the claim's: its task, variant and data fraction, and the claim's recipe, fixed lr and
+    evaluation points. A run shared by two claims (LoRA r=8 at 100 % in claims 1 and 2) counts for both; full
+    fine-tuning under the DPS recipe (claim 4) and under the paper recipe (claims 2 and 3) are kept apart."""
+    return (config["kind"] == "claim" and config["variant"] in claim["variants"] and config["task"] in claim["tasks"]
+            and config["fraction"] in claim.get("fractions", [1.0]) and config.get("recipe") == claim["recipe"]
+            and config.get("eval_points") == claim.get("eval_points")
+            and ("lr" not in claim or config["lr"] == claim["lr"]))
+
+
 def grouped(rows: list[dict], claim: dict) -> dict[tuple, dict[int, dict]]:
     """``{(task, fraction, variant): {seed: row}}`` of a claim's current runs."""
     by: dict[tuple, dict[int, dict]] = {}
     for r in rows:
         c = r["config"]
-        if c["kind"] == "claim" and c["variant"] in claim["variants"] and c["task"] in claim["tasks"]:
+        if belongs(c, claim):
             by.setdefault((c["task"], c["fraction"], c["variant"]), {})[c["seed"]] = r
     return by
 
@@ -490,7 +501,7 @@ def report(args) -> str:
             lines.append(f"| {r['config']['variant']} | {r['config']['lr']:g}{mark} | {r['score']:.2f} |")
     for claim_id, claim in CLAIMS.items():
         by = grouped(current, claim)
-        if not by:
+        if not any(v in claim["judged"] for _, _, v in by):  # only baselines so far (borrowed from other claims)
             continue
         lines += ["", f"### Claim {claim_id}: {claim['title']}", "",
                   "| task | data | variant | seeds | score mean ± std | 95% CI | trained entries | step (ms) | lr |",
@@ -539,6 +550,38 @@ def report(args) -> str:
     return "\n".join(lines)
 
 
+def _count_label(value: float, _pos: Any = None) -> str:
+    """Tick text on the trained-entries axis: 100k, 1.2M; minor ticks other than 2, 3 and 5 stay unlabelled."""
+    if f"{value:.0e}"[0] not in "1235":
+        return ""
+    return f"{value / 1e6:.1f}M" if value >= 1e6 else f"{value / 1e3:.0f}k"
+
+
+def _fraction_label(value: float, _pos: Any = None) -> str:
+    """Tick text on the data-fraction axis: 10%, 30%, 100%; nothing past 100% (room for the labels)."""
+    return f"{value:.0%}" if value <= 1.0 + 1e-9 and f"{value:.0e}"[0] in "1235" else ""
+
+
+def place_labels(ax, labels: list[tuple[float, float, str, Any]]) -> None:
+    """Label points directly, to their right on the log x axis, pushing labels up where they would overlap a
+    label already placed nearby (within a factor of 1.8 along x), with a thin leader line to the point."""
+    if not labels:
+        return
+    low, high = ax.get_ylim()
+    gap = 0.055 * (high - low)
+    placed: list[tuple[float, float]] = []
+    for x, y, text, colour in sorted(labels, key=lambda label: label[1]):
+        near = [py + gap for px, py in placed if abs(math.log(px / x)) < math.log(1.8) and py + gap > y]
+        ty = max([y] + near)
+        placed.append((x, ty))
+        ax.annotate(text, (x, y), xytext=(x * 1.12, ty), textcoords="data", fontsize=7, color=colour, va="center",
+                    arrowprops=dict(arrowstyle="-", color=colour, lw=0.5, alpha=0.6))
+    top = max(py for _, py in placed) + gap
+    ax.set_ylim(low, max(high, top))
+    left, right = ax.get_xlim()
+    ax.set_xlim(min(left, min(px for px, _ in placed) / 1.3), max(right, max(px for px, _ in placed) * 2.2))
+
+
 def plot(args, out_dir: Path) -> list[Path]:
     """The claims' plots from the results file alone: score vs trained entries (claim 1), score vs data fraction
     (claim 2), per-seed spread (claims 3 and 4). Each variant has its own colour and marker, error bars are 95%
@@ -547,36 +590,39 @@ def plot(args, out_dir: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (matplotlib.ticker.FuncFormatter below)
 
     rows = [r for r in read_rows(Path(args.results)) if is_current(r)]
     markers = "osD^v<>pP*Xh"
-    colours = plt.get_cmap("tab10").colors
-    style = {v: (colours[i % 10], markers[i % len(markers)]) for i, v in enumerate(VARIANTS)}
     written = []
     for claim_id, claim in CLAIMS.items():
+        colours = plt.get_cmap("tab10" if len(claim["variants"]) <= 10 else "tab20").colors  # distinct within a claim
+        style = {v: (colours[i % len(colours)], markers[i % len(markers)]) for i, v in enumerate(claim["variants"])}
         by = grouped(rows, claim)
         tasks = sorted({t for t, _, _ in by})
-        if not tasks:
+        if not any(v in claim["judged"] for _, _, v in by):  # only baselines so far (borrowed from other claims)
             continue
-        fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4.2), squeeze=False)
+        present = [v for v in claim["variants"] if any(key[2] == v for key in by)]
+        fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.4), squeeze=False)
         for ax, task in zip(axes[0], tasks):
+            labels: list[tuple[float, float, str, Any]] = []
             for (t, fraction, variant), seeds in sorted(by.items()):
                 if t != task:
                     continue
                 scores = [r["score"] for r in seeds.values()]
                 mean, _, half = interval(scores) if len(scores) > 1 else (scores[0], 0, 0)
                 colour, marker = style[variant]
-                if claim_id == "1":
-                    x = next(iter(seeds.values()))["trainable"]
+                if claim_id == "1":  # variants at equal counts are dodged sideways (3% a step) to stay apart
+                    x = next(iter(seeds.values()))["trainable"] * 1.03 ** (present.index(variant) - 1.5)
                 elif claim_id == "2":
                     x = fraction
                 else:
-                    x = claim["variants"].index(variant)
+                    x = present.index(variant)
                     ax.scatter([x] * len(scores), scores, color=colour, marker=marker, alpha=0.35, s=18)
                 ax.errorbar([x], [mean], yerr=[half if half == half else 0], color=colour, marker=marker, capsize=3,
                             markersize=7, linestyle="none", label=variant if claim_id != "2" or fraction == 1.0 else None)
-                if claim_id in ("1",):
-                    ax.annotate(variant, (x, mean), textcoords="offset points", xytext=(5, 4), fontsize=7, color=colour)
+                if claim_id == "1":
+                    labels.append((x, mean, variant, colour))
             if claim_id == "1":
                 ax.set_xscale("log")
                 ax.set_xlabel("trained entries (incl. head)")
@@ -588,16 +634,21 @@ def plot(args, out_dir: Path) -> list[Path]:
                                  if t == task and v == variant)
                     if pts:
                         ax.plot(*zip(*pts), color=style[variant][0], alpha=0.6)
-                        ax.annotate(variant, pts[-1], textcoords="offset points", xytext=(4, 0), fontsize=7,
-                                    color=style[variant][0])
+                        labels.append((*pts[-1], variant, style[variant][0]))
             else:
-                ax.set_xticks(range(len(claim["variants"])))
-                ax.set_xticklabels(claim["variants"], rotation=60, ha="right", fontsize=7)
+                ax.set_xticks(range(len(present)))
+                ax.set_xticklabels(present, rotation=60, ha="right", fontsize=7)
+            if claim_id in ("1", "2"):
+                label = _count_label if claim_id == "1" else _fraction_label
+                ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(label))
+                ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(label))
+                place_labels(ax, labels)
             ax.set_title(f"{task} ({TASKS[task]['primary']})")
             ax.set_ylabel("dev score")
             ax.grid(alpha=0.3)
         axes[0][0].legend(fontsize=7, loc="best")
-        fig.suptitle(f"Claim {claim_id}: {claim['title']}", fontsize=10)
+        fig.suptitle(textwrap.fill(f"Claim {claim_id}: {claim['title']}", width=int(11 * 5.5 * len(tasks))),
+                     fontsize=10)
         fig.tight_layout()
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"evidence_claim{claim_id}.png"

@@ -469,9 +469,10 @@ def test_evidence_harness_resumes_reruns_superseded_rows_and_reports(tmp_path, g
     assert written and all(p.suffix == ".png" and p.stat().st_size > 10_000 for p in written)
 
 
-def _claim_row(task, variant, seed, score):
-    return {"config": {"kind": "claim", "task": task, "variant": variant, "seed": seed, "fraction": 1.0},
-            "score": score}
+def _claim_row(task, variant, seed, score, **config):
+    config = {"kind": "claim", "task": task, "variant": variant, "seed": seed, "fraction": 1.0, "lr": 1e-3,
+              "recipe": evidence.PAPER_RECIPE, "eval_points": None, **config}
+    return {"config": config, "score": score}
 
 
 def test_evidence_verdicts_and_stability_by_hand():
@@ -492,6 +493,21 @@ def test_evidence_verdicts_and_stability_by_hand():
     assert (round(low, 3), round(high, 3)) == (0.081, 0.775) and evidence.stability_verdict(low, high) == "more stable"
     assert evidence.stability_verdict(*evidence.std_ratio_interval(2.0, 1.0, 5, 5)) == "inconclusive"
     assert math.isnan(evidence.std_ratio_interval(1.0, 2.0, 5, 3)[0])  # unequal seed counts: no interval claimed
+
+
+def test_evidence_claims_keep_full_fine_tuning_under_different_recipes_apart():
+    """Claim 4's full fine-tuning (the DPS recipe, lr 2e-5) and claims 2/3's (the paper recipe, swept lr) are
+    different runs: neither may stand in for the other. A run both claims define identically is shared."""
+    dps_recipe = [_claim_row("mrpc", "full", s, 70.0, recipe=evidence.DPS_RECIPE, lr=2e-5) for s in range(5)]
+    paper_recipe = [_claim_row("mrpc", "full", s, 90.0, lr=5e-5) for s in range(3)]
+    lora = [_claim_row("mrpc", "lora-r8", s, 80.0) for s in range(3)]
+    rows = dps_recipe + paper_recipe + lora
+    claim4 = evidence.grouped(rows, evidence.CLAIMS["4"])
+    assert [r["score"] for r in claim4[("mrpc", 1.0, "full")].values()] == [70.0] * 5
+    claim2 = evidence.grouped(rows, evidence.CLAIMS["2"])
+    assert [r["score"] for r in claim2[("mrpc", 1.0, "full")].values()] == [90.0] * 3
+    assert len(claim2[("mrpc", 1.0, "lora-r8")]) == 3  # claim 1's LoRA runs are claim 2's at 100 %
+    assert ("mrpc", 1.0, "lora-r8") not in evidence.grouped(rows, evidence.CLAIMS["5"])  # claim 5 evaluates 10 times
 
 
 def test_evidence_rows_are_superseded_only_by_code_their_method_runs(tmp_path):
