@@ -498,6 +498,13 @@ def test_evidence_verdicts_and_stability_by_hand():
     assert math.isnan(evidence.std_ratio_interval(1.0, 2.0, 5, 3)[0])  # unequal seed counts: no interval claimed
 
 
+def test_evidence_sensitivity_variant_trains_at_its_fixed_lr_without_a_sweep():
+    args = evidence.parse_args(["--claims", "1", "--tasks", "1=mrpc", "--variants", "lora-r8-lr1e-3", "--model", "x"])
+    specs = evidence.plan(args, [])
+    assert [s["kind"] for s in specs] == ["claim"] * 3 and {s["lr"] for s in specs} == {1e-3}
+    assert evidence.VARIANTS["lora-r8-lr1e-3"] == evidence.VARIANTS["lora-r8"]  # the same adapter, another lr
+
+
 def test_evidence_claims_keep_full_fine_tuning_under_different_recipes_apart():
     """Claim 4's full fine-tuning (the DPS recipe, lr 2e-5) and claims 2/3's (the paper recipe, swept lr) are
     different runs: neither may stand in for the other. A run both claims define identically is shared."""
