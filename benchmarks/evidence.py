@@ -592,10 +592,39 @@ def place_labels(ax, labels: list[tuple[float, float, str, Any]]) -> None:
     ax.set_xlim(min(left, min(px for px, _ in placed) / 1.3), max(right, max(px for px, _ in placed) * 2.2))
 
 
+def plot_loss_curves(plt, claim_id: str, claim: dict, by: dict, tasks: list[str], style: dict, out_dir: Path) -> Path:
+    """Training loss against optimizer steps, per task and variant on the full training data: the mean over seeds
+    with the seeds' range shaded, so a reader can see whether the epochs the claim trains were enough."""
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.0), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for (t, fraction, variant), seeds in sorted(by.items()):
+            curves = [r["loss_curve"] for r in seeds.values() if r.get("loss_curve")]
+            if t != task or fraction != 1.0 or not curves:
+                continue
+            length = min(len(c) for c in curves)
+            steps = [step for step, _ in curves[0][:length]]
+            losses = np.array([[loss for _, loss in c[:length]] for c in curves])
+            colour = style[variant][0]
+            ax.plot(steps, losses.mean(0), color=colour, label=f"{variant} ({len(curves)} seeds)")
+            ax.fill_between(steps, losses.min(0), losses.max(0), color=colour, alpha=0.15, linewidth=0)
+        ax.set_title(f"{task}: training loss")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss (window mean)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    fig.suptitle(textwrap.fill(f"Claim {claim_id}: loss curves (mean over seeds, range shaded)",
+                               width=int(11 * 5.5 * len(tasks))), fontsize=10)
+    fig.tight_layout()
+    path = out_dir / f"evidence_claim{claim_id}_loss.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot(args, out_dir: Path) -> list[Path]:
     """The claims' plots from the results file alone: score vs trained entries (claim 1), score vs data fraction
-    (claim 2), per-seed spread (claims 3 and 4). Each variant has its own colour and marker, error bars are 95%
-    intervals, and points are labelled directly."""
+    (claim 2), per-seed spread (claims 3 and 4), and each claim's loss curves. Each variant has its own colour and
+    marker, error bars are 95% intervals, and points are labelled directly."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -665,6 +694,7 @@ def plot(args, out_dir: Path) -> list[Path]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
+        written.append(plot_loss_curves(plt, claim_id, claim, by, tasks, style, out_dir))
     return written
 
 
