@@ -605,7 +605,7 @@ def plot_loss_curves(plt, claim_id: str, claim: dict, by: dict, tasks: list[str]
             steps = [step for step, _ in curves[0][:length]]
             losses = np.array([[loss for _, loss in c[:length]] for c in curves])
             colour = style[variant][0]
-            ax.plot(steps, losses.mean(0), color=colour, label=f"{variant} ({len(curves)} seeds)")
+            ax.plot(steps, losses.mean(0), color=colour, label=f"{variant} ({len(curves)} seed{'s' if len(curves) > 1 else ''})")
             ax.fill_between(steps, losses.min(0), losses.max(0), color=colour, alpha=0.15, linewidth=0)
         ax.set_title(f"{task}: training loss")
         ax.set_xlabel("optimizer step")
