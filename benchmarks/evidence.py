@@ -308,7 +308,7 @@ def plan(args, rows: list[dict]) -> list[dict[str, Any]]:
             for fraction in claim.get("fractions", [1.0]):
                 for seed in range(args.seeds or claim["seeds"]):
                     for variant in claim_variants(claim, args):
-                        epochs = claim["epochs"][variant] if isinstance(claim["epochs"], dict) else claim["epochs"]
+                        epochs = claim_epochs(claim, variant)
                         todo.append(dict(kind="claim", task=task, variant=variant, method=VARIANTS[variant][0], seed=seed,
                                          fraction=fraction,
                                          lr=claim.get("lr") or chosen_lr(variant, rows),
@@ -411,22 +411,30 @@ def steps_to_reach(curve: list, target: float) -> Optional[int]:
     return next((step for step, score in curve if score >= target), None)
 
 
-def belongs(config: dict[str, Any], claim: dict[str, Any]) -> bool:
-    """Whether a run is one of the claim's: its task, variant and data fraction, and the claim's recipe, fixed lr and
-    evaluation points. A run shared by two claims (LoRA r=8 at 100 % in claims 1 and 2) counts for both; full
-    fine-tuning under the DPS recipe (claim 4) and under the paper recipe (claims 2 and 3) are kept apart."""
+def claim_epochs(claim: dict[str, Any], variant: str) -> int:
+    """The epochs a claim trains a variant for (BitFit's recipe trains longer than the others in claim 2)."""
+    return claim["epochs"][variant] if isinstance(claim["epochs"], dict) else claim["epochs"]
+
+
+def belongs(config: dict[str, Any], claim: dict[str, Any], epochs: int | None = None) -> bool:
+    """Whether a run is one of the claim's: its task, variant and data fraction, and the claim's recipe, fixed lr,
+    evaluation points and epochs (``epochs`` overrides the claim's, as ``--epochs`` does for the runs: a
+    shortened smoke run or a longer convergence check is reported only when asked for). A run shared by two claims
+    (LoRA r=8 at 100 % in claims 1 and 2) counts for both; full fine-tuning under the DPS recipe (claim 4) and under
+    the paper recipe (claims 2 and 3) are kept apart."""
     return (config["kind"] == "claim" and config["variant"] in claim["variants"] and config["task"] in claim["tasks"]
             and config["fraction"] in claim.get("fractions", [1.0]) and config.get("recipe") == claim["recipe"]
             and config.get("eval_points") == claim.get("eval_points")
-            and ("lr" not in claim or config["lr"] == claim["lr"]))
+            and ("lr" not in claim or config["lr"] == claim["lr"])
+            and config.get("epochs") == (epochs or claim_epochs(claim, config["variant"])))
 
 
-def grouped(rows: list[dict], claim: dict) -> dict[tuple, dict[int, dict]]:
-    """``{(task, fraction, variant): {seed: row}}`` of a claim's current runs."""
+def grouped(rows: list[dict], claim: dict, epochs: int | None = None) -> dict[tuple, dict[int, dict]]:
+    """``{(task, fraction, variant): {seed: row}}`` of a claim's current runs (at ``epochs``, else the claim's)."""
     by: dict[tuple, dict[int, dict]] = {}
     for r in rows:
         c = r["config"]
-        if belongs(c, claim):
+        if belongs(c, claim, epochs):
             by.setdefault((c["task"], c["fraction"], c["variant"]), {})[c["seed"]] = r
     return by
 
@@ -449,13 +457,13 @@ def comparisons(by: dict[tuple, dict[int, dict]], claim: dict) -> list[dict[str,
     return out
 
 
-def summary(rows: list[dict]) -> str:
+def summary(rows: list[dict], epochs: int | None = None) -> str:
     """One line per judged comparison of every claim (the README's table): both scores with their 95% intervals
     over the paired seeds, the paired difference and the verdict."""
     lines = ["| claim | task | data | ours | score [95% CI] | baseline | score [95% CI] | seeds | ours − baseline "
              "[95% CI] | verdict |", "|---|---|---:|---|---:|---|---:|---:|---:|---|"]
     for claim_id, claim in CLAIMS.items():
-        for c in comparisons(grouped(rows, claim), claim):
+        for c in comparisons(grouped(rows, claim, epochs), claim):
             (om, _, oh), (bm, _, bh) = c["ours_score"], c["baseline_score"]
             lines.append(f"| {claim_id} | {c['task']} | {c['fraction']:.0%} | {c['ours']} | {om:.2f} ± {oh:.2f} | "
                          f"{c['baseline']} | {bm:.2f} ± {bh:.2f} | {c['seeds']} | {c['diff']:+.2f} "
@@ -499,7 +507,7 @@ def report(args) -> str:
     stale = len(rows) - len(current)
     lines = [f"Rows: {len(current)} current, {stale} superseded by later code (not shown; rerun).", "",
              "### Summary: every judged comparison (verdict on the 95% interval of the paired difference: "
-             "confirmed above −1 point, refuted below −1, inconclusive otherwise)", "", summary(current)]
+             "confirmed above −1 point, refuted below −1, inconclusive otherwise)", "", summary(current, args.epochs)]
     sweeps = sorted((r for r in current if r["config"]["kind"] == "sweep"),
                     key=lambda r: (r["config"]["variant"], r["config"]["lr"]))
     if sweeps:
@@ -510,7 +518,7 @@ def report(args) -> str:
             mark = " (chosen)" if chosen_lr(r["config"]["variant"], current) == r["config"]["lr"] else ""
             lines.append(f"| {r['config']['variant']} | {r['config']['lr']:g}{mark} | {r['score']:.2f} |")
     for claim_id, claim in CLAIMS.items():
-        by = grouped(current, claim)
+        by = grouped(current, claim, args.epochs)
         if not any(v in claim["judged"] for _, _, v in by):  # only baselines so far (borrowed from other claims)
             continue
         lines += ["", f"### Claim {claim_id}: {claim['title']}", "",
@@ -637,7 +645,7 @@ def plot(args, out_dir: Path) -> list[Path]:
     for claim_id, claim in CLAIMS.items():
         colours = plt.get_cmap("tab10" if len(claim["variants"]) <= 10 else "tab20").colors  # distinct within a claim
         style = {v: (colours[i % len(colours)], markers[i % len(markers)]) for i, v in enumerate(claim["variants"])}
-        by = grouped(rows, claim)
+        by = grouped(rows, claim, args.epochs)
         tasks = sorted({t for t, _, _ in by})
         if not any(v in claim["judged"] for _, _, v in by):  # only baselines so far (borrowed from other claims)
             continue
@@ -721,7 +729,7 @@ def parse_args(argv=None):
     parser.add_argument("--shard", type=parse_shard, default=(0, 1), help="i/n: run only this shard of the runs (parallel processes)")
     parser.add_argument("--deadline-min", type=float, default=None, help="start no run after this many minutes")
     parser.add_argument("--limit-rows", type=int, default=None, help="cap every split (smoke tests only)")
-    parser.add_argument("--epochs", type=int, default=None, help="override the claims' epochs (smoke tests only)")
+    parser.add_argument("--epochs", type=int, default=None, help="override the claims' epochs, for the runs and for the report (smoke tests, convergence checks)")
     parser.add_argument("--report", action="store_true", help="print the tables from --results and exit")
     parser.add_argument("--plan", action="store_true", help="print the planned runs, the done ones and the time left")
     parser.add_argument("--plots", default=None, help="with --report: write the claims' plots into this folder")

@@ -474,7 +474,7 @@ def test_evidence_harness_resumes_reruns_superseded_rows_and_reports(tmp_path, g
 
 def _claim_row(task, variant, seed, score, **config):
     config = {"kind": "claim", "task": task, "variant": variant, "seed": seed, "fraction": 1.0, "lr": 1e-3,
-              "recipe": evidence.PAPER_RECIPE, "eval_points": None, **config}
+              "recipe": evidence.PAPER_RECIPE, "eval_points": None, "epochs": 3, **config}
     return {"config": config, "score": score}
 
 
@@ -518,6 +518,24 @@ def test_evidence_claims_keep_full_fine_tuning_under_different_recipes_apart():
     assert [r["score"] for r in claim2[("mrpc", 1.0, "full")].values()] == [90.0] * 3
     assert len(claim2[("mrpc", 1.0, "lora-r8")]) == 3  # claim 1's LoRA runs are claim 2's at 100 %
     assert ("mrpc", 1.0, "lora-r8") not in evidence.grouped(rows, evidence.CLAIMS["5"])  # claim 5 evaluates 10 times
+
+
+def test_evidence_claims_count_only_runs_at_their_epochs_unless_asked():
+    """A smoke run (``--epochs 1``) or a longer convergence check written to the same results file must not join
+    a claim's table; ``--epochs`` asks for them explicitly. BitFit trains 6 epochs in claim 2, the others 3."""
+    rows = [_claim_row("mrpc", "sparsemask-lora-equal", s, 85.0) for s in range(3)]
+    rows += [_claim_row("mrpc", "sparsemask-lora-equal", s, 50.0, epochs=1) for s in range(3)]
+    rows += [_claim_row("mrpc", "lora-r8", s, 84.0) for s in range(3)]
+    rows += [_claim_row("mrpc", "lora-r8", s, 60.0, epochs=1) for s in range(3)]
+    claim1 = evidence.grouped(rows, evidence.CLAIMS["1"])
+    assert {r["score"] for seeds in claim1.values() for r in seeds.values()} == {85.0, 84.0}
+    smoke = evidence.grouped(rows, evidence.CLAIMS["1"], epochs=1)
+    assert {r["score"] for seeds in smoke.values() for r in seeds.values()} == {50.0, 60.0}
+    (line,) = [x for x in evidence.summary(rows).splitlines() if "| lora-r8 |" in x]
+    assert "+1.00" in line  # 85 - 84, not a mix with the 1-epoch rows
+    bitfit = [_claim_row("mrpc", "bitfit", 0, 80.0, epochs=e) for e in (3, 6)]
+    (row,) = evidence.grouped(bitfit, evidence.CLAIMS["2"])[("mrpc", 1.0, "bitfit")].values()
+    assert row["config"]["epochs"] == 6
 
 
 def test_evidence_rows_are_superseded_only_by_code_their_method_runs(tmp_path):
