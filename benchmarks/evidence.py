@@ -661,8 +661,8 @@ def plot(args, out_dir: Path) -> list[Path]:
                 colour, marker = style[variant]
                 if claim_id == "1":  # variants at equal counts are dodged sideways (3% a step) to stay apart
                     x = next(iter(seeds.values()))["trainable"] * 1.03 ** (present.index(variant) - 1.5)
-                elif claim_id == "2":
-                    x = fraction
+                elif claim_id == "2":  # dodged as in claim 1, so the error bars at one fraction stay apart
+                    x = fraction * 1.04 ** (present.index(variant) - (len(present) - 1) / 2)
                 else:
                     x = present.index(variant)
                     ax.scatter([x] * len(scores), scores, color=colour, marker=marker, alpha=0.35, s=18)
@@ -677,8 +677,9 @@ def plot(args, out_dir: Path) -> list[Path]:
                 ax.set_xscale("log")
                 ax.set_xlabel("fraction of the training data")
                 for variant in claim["variants"]:  # join each variant's points across fractions
-                    pts = sorted((f, interval([r["score"] for r in s.values()])[0]) for (t, f, v), s in by.items()
-                                 if t == task and v == variant)
+                    shift = 1.04 ** (present.index(variant) - (len(present) - 1) / 2) if variant in present else 1.0
+                    pts = sorted((f * shift, interval([r["score"] for r in s.values()])[0])
+                                 for (t, f, v), s in by.items() if t == task and v == variant)
                     if pts:
                         ax.plot(*zip(*pts), color=style[variant][0], alpha=0.6)
                         labels.append((*pts[-1], variant, style[variant][0]))
