@@ -122,9 +122,9 @@ CLAIMS: dict[str, dict[str, Any]] = {
     "2": dict(
         title="BitFit ≈ full fine-tuning, also with little data, better at intermediate data",
         tasks=["mrpc", "stsb", "rte"], fractions=[0.1, 0.3, 1.0],
-        variants=["bitfit", "full", "lora-r8"],
-        judged={"bitfit": ["full", "lora-r8"]},
-        seeds=3, epochs={"bitfit": 6, "full": 3, "lora-r8": 3}, recipe=PAPER_RECIPE,
+        variants=["bitfit", "full", "lora-r8", "lora-r8-lr1e-3"],
+        judged={"bitfit": ["full", "lora-r8", "lora-r8-lr1e-3"]},
+        seeds=3, epochs={"bitfit": 6, "full": 3, "lora-r8": 3, "lora-r8-lr1e-3": 3}, recipe=PAPER_RECIPE,
     ),
     "3": dict(
         title="Sparse masks ≈ full fine-tuning; only some layers matter",
@@ -473,29 +473,38 @@ def summary(rows: list[dict], epochs: int | None = None) -> str:
 
 def plan_table(args) -> str:
     """``--plan``: the runs of ``--claims`` (with ``--tasks`` / ``--variants``), how many are done, and the CPU
-    minutes left, estimated from the finished runs of the same task and kind (train + calibration + evaluation)."""
+    minutes left, estimated from the finished runs of the same task and kind (train + calibration + evaluation)
+    scaled by the passes over the training data a run makes (data fraction x epochs: claim 2's 10 % runs cost a
+    tenth, BitFit's 6 epochs twice as much)."""
     rows = read_rows(Path(args.results))
     current = [r for r in rows if is_current(r)]
     done = {r["key"] for r in current}
     minutes: dict[tuple, list[float]] = {}
+    per_pass: dict[tuple, list[float]] = {}
     for r in current:
-        kind = "full" if r["config"]["method"] in ("full", "dps") else "peft"
-        minutes.setdefault((r["config"]["task"], r["config"]["kind"], kind), []).append(r.get("run_seconds", r["train_seconds"]) / 60)
+        c = r["config"]
+        group = (c["task"], c["kind"], "full" if c["method"] in ("full", "dps") else "peft")
+        run_minutes = r.get("run_seconds", r["train_seconds"]) / 60
+        minutes.setdefault(group, []).append(run_minutes)
+        per_pass.setdefault(group, []).append(run_minutes / (c["fraction"] * c["epochs"]))
     groups: dict[tuple, list] = {}
     for spec in plan(args, rows):
         known = spec["lr"] is not None and spec["options"] is not None
         finished = known and config_key(run_config(spec, args)) in done
         kind = "full" if VARIANTS[spec["variant"]][0] in ("full", "dps") else "peft"
-        groups.setdefault((spec["kind"], spec["task"], kind), []).append(finished)
+        groups.setdefault((spec["kind"], spec["task"], kind), []).append((finished, spec["fraction"] * spec["epochs"]))
     lines = ["| runs | task | weights trained | planned | done | minutes a run (median of done) | CPU-min left |",
              "|---|---|---|---:|---:|---:|---:|"]
     total_left = 0.0
-    for (kind, task, weights), flags in groups.items():
-        per_run = statistics.median(minutes[(task, kind, weights)]) if (task, kind, weights) in minutes else None
-        left = (len(flags) - sum(flags)) * per_run if per_run is not None else None
+    for (kind, task, weights), runs in groups.items():
+        group = (task, kind, weights)
+        per_run = statistics.median(minutes[group]) if group in minutes else None
+        left = (statistics.median(per_pass[group]) * sum(passes for finished, passes in runs if not finished)
+                if group in per_pass else None)
         total_left += left or 0.0
-        lines.append(f"| {kind} | {task} | {'all (full FT, DPS)' if weights == 'full' else 'adapter'} | {len(flags)} | "
-                     f"{sum(flags)} | {'-' if per_run is None else f'{per_run:.1f}'} | "
+        finished = sum(f for f, _ in runs)
+        lines.append(f"| {kind} | {task} | {'all (full FT, DPS)' if weights == 'full' else 'adapter'} | {len(runs)} | "
+                     f"{finished} | {'-' if per_run is None else f'{per_run:.1f}'} | "
                      f"{'?' if left is None else round(left)} |")
     lines.append(f"\nCPU minutes left where estimated: {total_left:.0f} (threads per run: {args.threads})")
     return "\n".join(lines)
@@ -694,7 +703,8 @@ def plot(args, out_dir: Path) -> list[Path]:
             ax.set_title(f"{task} ({TASKS[task]['primary']})")
             ax.set_ylabel("dev score")
             ax.grid(alpha=0.3)
-        axes[0][0].legend(fontsize=7, loc="best")
+        if claim_id in ("1", "2"):  # elsewhere the x ticks name the variants, and a legend would hide points
+            axes[0][0].legend(fontsize=7, loc="best")
         fig.suptitle(textwrap.fill(f"Claim {claim_id}: {claim['title']}", width=int(11 * 5.5 * len(tasks))),
                      fontsize=10)
         fig.tight_layout()

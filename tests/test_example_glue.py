@@ -538,6 +538,19 @@ def test_evidence_claims_count_only_runs_at_their_epochs_unless_asked():
     assert row["config"]["epochs"] == 6
 
 
+def test_evidence_plan_scales_minutes_left_by_data_fraction_and_epochs(tmp_path):
+    """Claim 2 trains on 10 %, 30 % and 100 % of the data and BitFit for 6 epochs: the CPU time left is the finished
+    runs' minutes per pass over the training data times the passes still to make, not a count of runs."""
+    done = dict(_claim_row("mrpc", "lora-r8", 0, 80.0, method="lora"), key="0", code=evidence.code_hash("lora"),
+                run_seconds=540.0, train_seconds=500.0)  # 9 minutes for 3 passes: 3 minutes a pass
+    results = tmp_path / "results.jsonl"
+    results.write_text(json.dumps(done) + "\n")
+    args = evidence.parse_args(["--plan", "--claims", "2", "--tasks", "2=mrpc", "--variants", "bitfit,lora-r8",
+                                "--results", str(results), "--model", "x"])
+    # bitfit: 3 seeds x (0.1 + 0.3 + 1.0) x 6 epochs = 25.2 passes; lora-r8: 3 x 1.4 x 3 = 12.6 (its lr unswept)
+    assert "| claim | mrpc | adapter | 18 | 0 | 9.0 | 113 |" in evidence.plan_table(args)
+
+
 def test_evidence_rows_are_superseded_only_by_code_their_method_runs(tmp_path):
     """A row's code hash covers its method's code only: a fix to one tuner reruns that tuner's rows, not LoRA's or
     another tuner's; the shared package code reruns every peft_sparse method; the run loop reruns everything."""
