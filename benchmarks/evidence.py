@@ -49,7 +49,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from evidence_run import MAX_LENGTH, SWEEP, code_hash, run_one  # noqa: E402
-from glue_data import TASKS  # noqa: E402
+from glue_data import TASKS, compute_task_metrics, load_glue_task  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------- the plan
 
@@ -510,6 +510,20 @@ def plan_table(args) -> str:
     return "\n".join(lines)
 
 
+def majority_scores(tasks: set[str], glue_dir: Optional[str]) -> dict[str, float]:
+    """Each classification task's dev score when every example gets the most frequent label (MRPC F1 81.22, RTE
+    52.71 %): a run scoring exactly that learned nothing the label counts do not give. Empty without ``glue_dir``."""
+    out = {}
+    for task in sorted(tasks):
+        if glue_dir is None or TASKS[task]["num_labels"] < 2:
+            continue  # STS-B regresses: a constant prediction has no correlation to compare against
+        labels = np.asarray(load_glue_task(task, "dev", glue_dir)["labels"])
+        logits = np.zeros((len(labels), TASKS[task]["num_labels"]))
+        logits[:, np.bincount(labels).argmax()] = 1.0
+        out[task] = 100 * compute_task_metrics(task, logits, labels)[TASKS[task]["primary"]]
+    return out
+
+
 def report(args) -> str:
     rows = read_rows(Path(args.results))
     current = [r for r in rows if is_current(r)]
@@ -530,16 +544,22 @@ def report(args) -> str:
         by = grouped(current, claim, args.epochs)
         if not any(v in claim["judged"] for _, _, v in by):  # only baselines so far (borrowed from other claims)
             continue
+        majority = majority_scores({task for task, _, _ in by}, args.glue_dir)
         lines += ["", f"### Claim {claim_id}: {claim['title']}", "",
-                  "| task | data | variant | seeds | score mean ± std | 95% CI | trained entries | step (ms) | lr |",
-                  "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+                  "| task | data | variant | seeds | score mean ± std | 95% CI | seeds at the majority class | "
+                  "trained entries | step (ms) | lr |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
         for (task, fraction, variant), seeds in sorted(by.items()):
             scores = [seeds[s]["score"] for s in sorted(seeds)]
             mean, std, half = interval(scores)
             any_row = next(iter(seeds.values()))
             step = statistics.median(r["median_step_ms"] for r in seeds.values())
+            stuck = (f"{sum(abs(x - majority[task]) < 0.005 for x in scores)} of {len(scores)}" if task in majority
+                     else "-")
             lines.append(f"| {task} | {fraction:.0%} | {variant} | {len(scores)} | {mean:.2f} ± {std:.2f} | "
-                         f"±{half:.2f} | {any_row['trainable']:,} | {step:.0f} | {any_row['config']['lr']:g} |")
+                         f"±{half:.2f} | {stuck} | {any_row['trainable']:,} | {step:.0f} | {any_row['config']['lr']:g} |")
+        if majority:
+            lines += ["", "Majority class (every dev example given the most frequent label): " + ", ".join(
+                f"{task} {score:.2f}" for task, score in majority.items()) + "."]
         lines += ["", "| task | data | ours | baseline | paired seeds | ours − baseline, mean [95% CI] | verdict |",
                   "|---|---:|---|---|---:|---:|---|"]
         for c in comparisons(by, claim):

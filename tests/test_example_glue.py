@@ -551,6 +551,30 @@ def test_evidence_plan_scales_minutes_left_by_data_fraction_and_epochs(tmp_path)
     assert "| claim | mrpc | adapter | 18 | 0 | 9.0 | 113 |" in evidence.plan_table(args)
 
 
+def test_evidence_report_counts_runs_stuck_at_the_majority_class(tmp_path):
+    """A run that predicts one label for every dev example scores the majority class: MRPC with 3 paraphrases of 4
+    gives F1 85.71 (precision 3/4, recall 1), RTE with 2 entailments of 3 gives 66.67 %. The report says how many
+    seeds of each variant ended there."""
+    _write_tsv(tmp_path / "MRPC" / "dev.tsv", "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String",
+               [[y, "1", "2", "a", "b"] for y in "1101"], bom=True)
+    _write_tsv(tmp_path / "RTE" / "dev.tsv", "index\tsentence1\tsentence2\tlabel",
+               [[str(i), "a", "b", y] for i, y in enumerate(["entailment", "not_entailment", "entailment"])])
+    majority = evidence.majority_scores({"mrpc", "rte", "stsb"}, str(tmp_path))
+    assert {k: round(v, 2) for k, v in majority.items()} == {"mrpc": 85.71, "rte": 66.67}  # STS-B regresses
+    assert evidence.majority_scores({"mrpc"}, None) == {}
+    rows = [dict(_claim_row("mrpc", v, s, score, method=evidence.VARIANTS[v][0]), key=f"{v}{s}", trainable=1,
+                 median_step_ms=1.0) for v, scores in (("sparsemask-1pct", [85.714, 90.0]), ("lora-r8", [85.71, 85.71]))
+            for s, score in enumerate(scores)]
+    for r in rows:
+        r["code"] = evidence.code_hash(r["config"]["method"])
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = evidence.report(evidence.parse_args(["--results", str(results), "--glue-dir", str(tmp_path)]))
+    assert "| mrpc | 100% | lora-r8 | 2 | 85.71 ± 0.00 | ±0.00 | 2 of 2 |" in text
+    assert "| mrpc | 100% | sparsemask-1pct | 2 |" in text and "| 1 of 2 |" in text
+    assert "Majority class (every dev example given the most frequent label): mrpc 85.71." in text
+
+
 def test_evidence_rows_are_superseded_only_by_code_their_method_runs(tmp_path):
     """A row's code hash covers its method's code only: a fix to one tuner reruns that tuner's rows, not LoRA's or
     another tuner's; the shared package code reruns every peft_sparse method; the run loop reruns everything."""
