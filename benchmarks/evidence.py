@@ -658,6 +658,19 @@ def plot_loss_curves(plt, claim_id: str, claim: dict, by: dict, tasks: list[str]
     return path
 
 
+def mark_majority(ax, score: float) -> None:
+    """A dashed line where a run that learned nothing sits (the majority class), if it lies near the points; far
+    below them (SST-2's 50.9 under scores of 83) a note says where it is instead of squashing the points."""
+    low, high = ax.get_ylim()
+    if score >= low - 0.25 * (high - low):
+        ax.axhline(score, color="grey", linestyle="--", linewidth=0.8, zorder=0)
+        ax.annotate("majority\nclass", (1.0, score), xycoords=("axes fraction", "data"), xytext=(3, 0),
+                    textcoords="offset points", fontsize=7, color="grey", va="center", annotation_clip=False)
+    else:
+        ax.annotate(f"majority class: {score:.1f} (below)", (0.01, 0.01), xycoords="axes fraction", fontsize=7,
+                    color="grey")
+
+
 def plot(args, out_dir: Path) -> list[Path]:
     """The claims' plots from the results file alone: score vs trained entries (claim 1), score vs data fraction
     (claim 2), per-seed spread (claims 3 and 4), and each claim's loss curves. Each variant has its own colour and
@@ -679,6 +692,7 @@ def plot(args, out_dir: Path) -> list[Path]:
         if not any(v in claim["judged"] for _, _, v in by):  # only baselines so far (borrowed from other claims)
             continue
         present = [v for v in claim["variants"] if any(key[2] == v for key in by)]
+        majority = majority_scores(set(tasks), args.glue_dir)
         fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.4), squeeze=False)
         for ax, task in zip(axes[0], tasks):
             labels: list[tuple[float, float, str, Any]] = []
@@ -720,6 +734,8 @@ def plot(args, out_dir: Path) -> list[Path]:
                 ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(label))
                 ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(label))
                 place_labels(ax, labels)
+            if task in majority:
+                mark_majority(ax, majority[task])
             ax.set_title(f"{task} ({TASKS[task]['primary']})")
             ax.set_ylabel("dev score")
             ax.grid(alpha=0.3)
