@@ -663,6 +663,7 @@ def mark_majority(ax, score: float) -> None:
     below them (SST-2's 50.9 under scores of 83) a note says where it is instead of squashing the points."""
     low, high = ax.get_ylim()
     if score >= low - 0.25 * (high - low):
+        ax.set_ylim(min(low, score - 0.03 * (high - low)), high)  # the line may sit just below the points
         ax.axhline(score, color="grey", linestyle="--", linewidth=0.8, zorder=0)
         ax.annotate("majority\nclass", (1.0, score), xycoords=("axes fraction", "data"), xytext=(3, 0),
                     textcoords="offset points", fontsize=7, color="grey", va="center", annotation_clip=False)
