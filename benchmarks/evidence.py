@@ -693,6 +693,11 @@ def plot(args, out_dir: Path) -> list[Path]:
         if not any(v in claim["judged"] for _, _, v in by):  # only baselines so far (borrowed from other claims)
             continue
         present = [v for v in claim["variants"] if any(key[2] == v for key in by)]
+
+        def dodge(variant: str) -> float:
+            """A factor that moves each variant's points sideways (4% a step, centred) on a log x axis."""
+            return 1.04 ** (present.index(variant) - (len(present) - 1) / 2) if variant in present else 1.0
+
         majority = majority_scores(set(tasks), args.glue_dir)
         fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.4), squeeze=False)
         for ax, task in zip(axes[0], tasks):
@@ -704,9 +709,9 @@ def plot(args, out_dir: Path) -> list[Path]:
                 mean, _, half = interval(scores) if len(scores) > 1 else (scores[0], 0, 0)
                 colour, marker = style[variant]
                 if claim_id == "1":  # variants at equal counts are dodged sideways (3% a step) to stay apart
-                    x = next(iter(seeds.values()))["trainable"] * 1.03 ** (present.index(variant) - 1.5)
+                    x = next(iter(seeds.values()))["trainable"] * dodge(variant)
                 elif claim_id == "2":  # dodged as in claim 1, so the error bars at one fraction stay apart
-                    x = fraction * 1.04 ** (present.index(variant) - (len(present) - 1) / 2)
+                    x = fraction * dodge(variant)
                 else:
                     x = present.index(variant)
                     ax.scatter([x] * len(scores), scores, color=colour, marker=marker, alpha=0.35, s=18)
@@ -721,8 +726,7 @@ def plot(args, out_dir: Path) -> list[Path]:
                 ax.set_xscale("log")
                 ax.set_xlabel("fraction of the training data")
                 for variant in claim["variants"]:  # join each variant's points across fractions
-                    shift = 1.04 ** (present.index(variant) - (len(present) - 1) / 2) if variant in present else 1.0
-                    pts = sorted((f * shift, interval([r["score"] for r in s.values()])[0])
+                    pts = sorted((f * dodge(variant), interval([r["score"] for r in s.values()])[0])
                                  for (t, f, v), s in by.items() if t == task and v == variant)
                     if pts:
                         ax.plot(*zip(*pts), color=style[variant][0], alpha=0.6)
