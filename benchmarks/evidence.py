@@ -173,9 +173,15 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     for line in path.read_text().splitlines():
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:  # a line cut by an interruption
                 continue
+            if math.isnan(row.get("score", 0.0)):
+                # STS-B's correlation is undefined for a constant (or NaN) prediction; score it 0, no correlation,
+                # as Matthews' correlation is scored when undefined (and scikit-learn does), so that a collapsed
+                # seed counts in the means instead of making them NaN
+                row["score"] = 0.0
+            rows.append(row)
     return rows
 
 
@@ -511,12 +517,16 @@ def plan_table(args) -> str:
 
 
 def majority_scores(tasks: set[str], glue_dir: Optional[str]) -> dict[str, float]:
-    """Each classification task's dev score when every example gets the most frequent label (MRPC F1 81.22, RTE
-    52.71 %): a run scoring exactly that learned nothing the label counts do not give. Empty without ``glue_dir``."""
+    """Each task's dev score when every example gets the most frequent label (MRPC F1 81.22, RTE 52.71 %; for
+    STS-B a constant prediction, scored 0 by ``read_rows``): a run scoring exactly that learned nothing the label
+    counts do not give. Empty without ``glue_dir``."""
     out = {}
     for task in sorted(tasks):
-        if glue_dir is None or TASKS[task]["num_labels"] < 2:
-            continue  # STS-B regresses: a constant prediction has no correlation to compare against
+        if glue_dir is None:
+            continue
+        if TASKS[task]["num_labels"] < 2:
+            out[task] = 0.0
+            continue
         labels = np.asarray(load_glue_task(task, "dev", glue_dir)["labels"])
         logits = np.zeros((len(labels), TASKS[task]["num_labels"]))
         logits[:, np.bincount(labels).argmax()] = 1.0
@@ -558,8 +568,9 @@ def report(args) -> str:
             lines.append(f"| {task} | {fraction:.0%} | {variant} | {len(scores)} | {mean:.2f} ± {std:.2f} | "
                          f"±{half:.2f} | {stuck} | {any_row['trainable']:,} | {step:.0f} | {any_row['config']['lr']:g} |")
         if majority:
-            lines += ["", "Majority class (every dev example given the most frequent label): " + ", ".join(
-                f"{task} {score:.2f}" for task, score in majority.items()) + "."]
+            lines += ["", "Majority class (every dev example given the most frequent label; for STS-B one constant "
+                      "prediction, whose undefined correlation is scored 0): " + ", ".join(
+                          f"{task} {score:.2f}" for task, score in majority.items()) + "."]
         lines += ["", "| task | data | ours | baseline | paired seeds | ours − baseline, mean [95% CI] | verdict |",
                   "|---|---:|---|---|---:|---:|---|"]
         for c in comparisons(by, claim):

@@ -560,7 +560,8 @@ def test_evidence_report_counts_runs_stuck_at_the_majority_class(tmp_path):
     _write_tsv(tmp_path / "RTE" / "dev.tsv", "index\tsentence1\tsentence2\tlabel",
                [[str(i), "a", "b", y] for i, y in enumerate(["entailment", "not_entailment", "entailment"])])
     majority = evidence.majority_scores({"mrpc", "rte", "stsb"}, str(tmp_path))
-    assert {k: round(v, 2) for k, v in majority.items()} == {"mrpc": 85.71, "rte": 66.67}  # STS-B regresses
+    # STS-B regresses: one constant prediction has no correlation, scored 0
+    assert {k: round(v, 2) for k, v in majority.items()} == {"mrpc": 85.71, "rte": 66.67, "stsb": 0.0}
     assert evidence.majority_scores({"mrpc"}, None) == {}
     rows = [dict(_claim_row("mrpc", v, s, score, method=evidence.VARIANTS[v][0]), key=f"{v}{s}", trainable=1,
                  median_step_ms=1.0) for v, scores in (("sparsemask-1pct", [85.714, 90.0]), ("lora-r8", [85.71, 85.71]))
@@ -572,7 +573,27 @@ def test_evidence_report_counts_runs_stuck_at_the_majority_class(tmp_path):
     text = evidence.report(evidence.parse_args(["--results", str(results), "--glue-dir", str(tmp_path)]))
     assert "| mrpc | 100% | lora-r8 | 2 | 85.71 ± 0.00 | ±0.00 | 2 of 2 |" in text
     assert "| mrpc | 100% | sparsemask-1pct | 2 |" in text and "| 1 of 2 |" in text
-    assert "Majority class (every dev example given the most frequent label): mrpc 85.71." in text
+    assert "Majority class (every dev example given the most frequent label; for STS-B one constant prediction, " \
+           "whose undefined correlation is scored 0): mrpc 85.71." in text
+
+
+def test_evidence_scores_a_collapsed_stsb_run_as_no_correlation(tmp_path):
+    """A regression head that predicts one constant (LoRA at a high learning rate on STS-B) has an undefined
+    Pearson correlation, stored as NaN. The report scores it 0 and counts it with the seeds that learned nothing,
+    instead of failing on the NaN or making every mean and interval NaN."""
+    rows = [dict(_claim_row("stsb", v, s, score, method=evidence.VARIANTS[v][0]), key=f"{v}{s}", trainable=1,
+                 median_step_ms=1.0)
+            for v, scores in (("sparsemask-1pct", [85.0, 86.0, 84.0]), ("lora-r8", [float("nan"), 2.0, 4.0]))
+            for s, score in enumerate(scores)]
+    for r in rows:
+        r["code"] = evidence.code_hash(r["config"]["method"])
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))  # json writes the NaN as NaN
+    assert [r["score"] for r in evidence.read_rows(results)][3:] == [0.0, 2.0, 4.0]
+    text = evidence.report(evidence.parse_args(["--results", str(results), "--glue-dir", str(tmp_path)]))
+    assert "| stsb | 100% | lora-r8 | 3 | 2.00 ± 2.00 | ±4.97 | 1 of 3 |" in text
+    assert "| stsb | 100% | sparsemask-1pct | lora-r8 | 3 | +83.00 [+76.43, +89.57] | confirmed |" in text
+    assert "nan" not in text.lower()
 
 
 def test_evidence_rows_are_superseded_only_by_code_their_method_runs(tmp_path):
