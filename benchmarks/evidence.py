@@ -144,8 +144,9 @@ CLAIMS: dict[str, dict[str, Any]] = {
     "5": dict(
         title="Learners: on par with PEFT at ~7x fewer parameters, faster convergence on CoLA",
         tasks=["cola", "mrpc"],
-        variants=["learner-lora-seventh", "learner-lora-equal", "lora-r8", "full"],
-        judged={"learner-lora-seventh": ["lora-r8", "full"], "learner-lora-equal": ["lora-r8", "full"]},
+        variants=["learner-lora-seventh", "learner-lora-equal", "lora-r8", "lora-r8-lr1e-3", "full"],
+        judged={"learner-lora-seventh": ["lora-r8", "lora-r8-lr1e-3", "full"],
+                "learner-lora-equal": ["lora-r8", "lora-r8-lr1e-3", "full"]},
         seeds=3, epochs=3, recipe=PAPER_RECIPE, eval_points=10,
     ),
 }
