@@ -676,6 +676,21 @@ def plot_loss_curves(plt, claim_id: str, claim: dict, by: dict, tasks: list[str]
     return path
 
 
+def fit_to_seeds(ax, spread: list[tuple[float, float, float, list[float]]]) -> None:
+    """The y range of a per-seed panel from the seeds' scores, not the intervals: one variant whose interval is
+    ±46 points (a seed at the majority class among three) would squash every other variant into a line. An
+    interval cut by the range gets its half-width written beside it."""
+    values = [v for _, _, _, scores in spread for v in scores] + [mean for _, mean, _, _ in spread]
+    low, high = min(values), max(values)
+    margin = max(0.5, 0.08 * (high - low))
+    low, high = low - margin, high + margin
+    ax.set_ylim(low, high)
+    for x, mean, half, _ in spread:
+        if half == half and (mean - half < low or mean + half > high):
+            ax.annotate(f"±{half:.1f}", (x, mean), xytext=(5, 0), textcoords="offset points", fontsize=7,
+                        color="grey", va="center")
+
+
 def mark_majority(ax, score: float) -> None:
     """A dashed line where a run that learned nothing sits (the majority class), if it lies near the points; far
     below them (SST-2's 50.9 under scores of 83) a note says where it is instead of squashing the points."""
@@ -720,6 +735,8 @@ def plot(args, out_dir: Path) -> list[Path]:
         fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.4), squeeze=False)
         for ax, task in zip(axes[0], tasks):
             labels: list[tuple[float, float, str, Any]] = []
+            on_task = [v for v in present if any(key[0] == task and key[2] == v for key in by)]
+            spread: list[tuple[float, float, float, list[float]]] = []  # claims 3 and 4: x, mean, half, seeds
             for (t, fraction, variant), seeds in sorted(by.items()):
                 if t != task:
                     continue
@@ -731,12 +748,15 @@ def plot(args, out_dir: Path) -> list[Path]:
                 elif claim_id == "2":  # dodged as in claim 1, so the error bars at one fraction stay apart
                     x = fraction * dodge(variant)
                 else:
-                    x = present.index(variant)
+                    x = on_task.index(variant)
                     ax.scatter([x] * len(scores), scores, color=colour, marker=marker, alpha=0.35, s=18)
+                    spread.append((x, mean, half, scores))
                 ax.errorbar([x], [mean], yerr=[half if half == half else 0], color=colour, marker=marker, capsize=3,
                             markersize=7, linestyle="none", label=variant if claim_id != "2" or fraction == 1.0 else None)
                 if claim_id == "1":
                     labels.append((x, mean, variant, colour))
+            if spread:
+                fit_to_seeds(ax, spread)
             if claim_id == "1":
                 ax.set_xscale("log")
                 ax.set_xlabel("trained entries (incl. head)")
@@ -750,8 +770,8 @@ def plot(args, out_dir: Path) -> list[Path]:
                         ax.plot(*zip(*pts), color=style[variant][0], alpha=0.6)
                         labels.append((*pts[-1], variant, style[variant][0]))
             else:
-                ax.set_xticks(range(len(present)))
-                ax.set_xticklabels(present, rotation=60, ha="right", fontsize=7)
+                ax.set_xticks(range(len(on_task)))
+                ax.set_xticklabels(on_task, rotation=60, ha="right", fontsize=7)
             if claim_id in ("1", "2"):
                 label = _count_label if claim_id == "1" else _fraction_label
                 ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(label))
