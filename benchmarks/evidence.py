@@ -49,6 +49,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from evidence_run import MAX_LENGTH, SWEEP, code_hash, run_one  # noqa: E402
+from evidence_sizes import adapter_bytes, human_bytes  # noqa: E402
 from glue_data import TASKS, compute_task_metrics, load_glue_task  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------- the plan
@@ -541,9 +542,25 @@ def majority_scores(tasks: set[str], glue_dir: Optional[str]) -> dict[str, float
     return out
 
 
+def size_options(variant: str, task: str, rows: list[dict]) -> dict[str, Any]:
+    """The options whose saved bytes stand for ``variant`` on ``task``: seed 0's; ``ftdist`` before its full
+    fine-tuning run takes the top blocks instead (any k blocks of MiniLM save the same bytes)."""
+    options = resolve_options(variant, task, 0, rows)
+    return options if options is not None else resolve_options(variant.replace("ftdist", "top"), task, 0, rows)
+
+
+def saved_sizes(args, current: list[dict]) -> dict[tuple[str, str], int]:
+    """Saved weight bytes per (variant, task) of the claims' rows, from ``adapter_bytes.json`` beside the results
+    (measured for the missing ones with ``--sizes``)."""
+    pairs = sorted({(r["config"]["variant"], r["config"]["task"]) for r in current if r["config"]["kind"] == "claim"})
+    return adapter_bytes(pairs, VARIANTS, lambda v, t: size_options(v, t, current), args.model, args.glue_dir,
+                         Path(args.results).with_name("adapter_bytes.json"), compute=args.sizes)
+
+
 def report(args) -> str:
     rows = read_rows(Path(args.results))
     current = [r for r in rows if is_current(r)]
+    sizes = saved_sizes(args, current)
     stale = len(rows) - len(current)
     lines = [f"Rows: {len(current)} current, {stale} superseded by later code (not shown; rerun).", "",
              "### Summary: every judged comparison (verdict on the 95% interval of the paired difference: "
@@ -564,7 +581,7 @@ def report(args) -> str:
         majority = majority_scores({task for task, _, _ in by}, args.glue_dir)
         lines += ["", f"### Claim {claim_id}: {claim['title']}", "",
                   "| task | data | variant | seeds | score mean ± std | 95% CI | seeds at the majority class | "
-                  "trained entries | step (ms) | lr |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "trained entries | saved | step (ms) | lr |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for (task, fraction, variant), seeds in sorted(by.items()):
             scores = [seeds[s]["score"] for s in sorted(seeds)]
             mean, std, half = interval(scores)
@@ -572,8 +589,10 @@ def report(args) -> str:
             step = statistics.median(r["median_step_ms"] for r in seeds.values())
             stuck = (f"{sum(abs(x - majority[task]) < 0.005 for x in scores)} of {len(scores)}" if task in majority
                      else "-")
+            saved = human_bytes(sizes[(variant, task)]) if (variant, task) in sizes else "-"
             lines.append(f"| {task} | {fraction:.0%} | {variant} | {len(scores)} | {mean:.2f} ± {std:.2f} | "
-                         f"±{half:.2f} | {stuck} | {any_row['trainable']:,} | {step:.0f} | {any_row['config']['lr']:g} |")
+                         f"±{half:.2f} | {stuck} | {any_row['trainable']:,} | {saved} | {step:.0f} | "
+                         f"{any_row['config']['lr']:g} |")
         if majority:
             lines += ["", "Majority class (every dev example given the most frequent label; for STS-B one constant "
                       "prediction, whose undefined correlation is scored 0): " + ", ".join(
@@ -823,6 +842,8 @@ def parse_args(argv=None):
     parser.add_argument("--report", action="store_true", help="print the tables from --results and exit")
     parser.add_argument("--plan", action="store_true", help="print the planned runs, the done ones and the time left")
     parser.add_argument("--plots", default=None, help="with --report: write the claims' plots into this folder")
+    parser.add_argument("--sizes", action="store_true",
+                        help="with --report: measure the saved bytes of variants missing from adapter_bytes.json")
     parser.add_argument("--status", default=None,
                         help="write the --plan and --report output, dated, into this markdown file and exit")
     args = parser.parse_args(argv)

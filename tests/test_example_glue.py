@@ -671,3 +671,39 @@ def test_mask_study_reach_grows_with_the_candidate_set(tiny_model_dir):
     shares = [float(r[3].strip().rstrip("%").strip()) for r in rows]
     assert ratios[0] < ratios[1] < ratios[2] and ratios[0] < 1 < ratios[2]
     assert shares[0] < shares[1] < shares[2] <= 100
+
+
+def test_evidence_saved_bytes_are_what_save_pretrained_writes_cached_by_code(tiny_model_dir, glue_dir, tmp_path):
+    """The report's "saved" column: the weights file of ``save_pretrained`` after two optimizer steps (BitFit's
+    biases and head; the whole model for full fine-tuning), cached beside the results under the variant's code
+    hash, so a size from superseded code is measured again."""
+    import evidence_sizes
+
+    model, glue = str(tiny_model_dir), str(glue_dir)
+    bitfit = evidence_sizes.measure("bitfit", {}, "sst2", model, glue)
+    full = evidence_sizes.measure("full", {}, "sst2", model, glue)
+    from transformers import AutoModelForSequenceClassification
+
+    parameters = sum(p.numel() for p in AutoModelForSequenceClassification.from_pretrained(model).parameters())
+    assert 4 * parameters <= full < 4 * parameters + 100_000  # fp32 weights plus the safetensors header
+    assert 0 < bitfit < full / 10
+
+    cache = tmp_path / "adapter_bytes.json"
+    options = lambda variant, task: evidence.VARIANTS[variant][1]  # noqa: E731
+    sizes = evidence_sizes.adapter_bytes([("bitfit", "sst2")], evidence.VARIANTS, options, model, glue, cache, True)
+    assert sizes == {("bitfit", "sst2"): bitfit}
+    stored = json.loads(cache.read_text())
+    assert list(stored) == [f"bitfit|sst2|{evidence.code_hash('bitfit')}"]
+    cache.write_text(json.dumps({"bitfit|sst2|superseded0": 1}))  # another code's size is not this code's
+    assert evidence_sizes.adapter_bytes([("bitfit", "sst2")], evidence.VARIANTS, options, model, glue, cache, False) == {}
+
+    rows = [dict(_claim_row("mrpc", "bitfit", s, 80.0 + s, method="bitfit", epochs=6), key=f"b{s}", trainable=1,
+                 median_step_ms=1.0, code=evidence.code_hash("bitfit")) for s in range(2)]
+    rows += [dict(_claim_row("mrpc", "full", s, 81.0 + s, method="full"), key=f"f{s}", trainable=1,
+                  median_step_ms=1.0, code=evidence.code_hash("full")) for s in range(2)]
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cache.write_text(json.dumps({f"bitfit|mrpc|{evidence.code_hash('bitfit')}": 114_272}))
+    text = evidence.report(evidence.parse_args(["--results", str(results)]))
+    assert "| mrpc | 100% | bitfit | 2 | 80.50 ± 0.71 |" in text and "| 1 | 114.3 kB | 1 |" in text
+    assert "| mrpc | 100% | full | 2 | 81.50 ± 0.71 |" in text and "| 1 | - | 1 |" in text
