@@ -250,7 +250,8 @@ def chosen_lr(variant: str, rows: list[dict]) -> Optional[float]:
     source = LR_SOURCE.get(variant, variant)
     grid = LR_GRID[source]
     done = {r["config"]["lr"]: r["score"] for r in rows
-            if r["config"]["kind"] == "sweep" and r["config"]["variant"] == source and is_current(r)}
+            if r["config"]["kind"] == "sweep" and r["config"]["variant"] == source
+            and r["config"]["epochs"] == SWEEP["epochs"] and is_current(r)}
     if any(lr not in done for lr in grid):
         return None
     return max(grid, key=lambda lr: done[lr])
@@ -301,7 +302,8 @@ def parse_variants(text: str) -> list[str]:
 
 def plan(args, rows: list[dict]) -> list[dict[str, Any]]:
     """The runs of ``--claims``, sweeps first, then by claim, task, fraction, seed and variant. Runs whose learning
-    rate or options wait for other runs carry None there."""
+    rate or options wait for other runs carry None there. ``--epochs`` changes the claim runs only: a convergence
+    check at more epochs trains at the learning rate the one sweep chose, and never sweeps again."""
     todo = []
     claims = [CLAIMS[c] for c in args.claims]
     swept = []
@@ -315,7 +317,7 @@ def plan(args, rows: list[dict]) -> list[dict[str, Any]]:
                 options = resolve_options(source, SWEEP["task"], SWEEP["seed"], rows)
                 todo.append(dict(kind="sweep", task=SWEEP["task"], variant=source, method=VARIANTS[source][0],
                                  seed=SWEEP["seed"], lr=lr,
-                                 epochs=args.epochs or SWEEP["epochs"], recipe=PAPER_RECIPE, fraction=1.0,
+                                 epochs=SWEEP["epochs"], recipe=PAPER_RECIPE, fraction=1.0,
                                  options=options))
     for number, claim in zip(args.claims, claims):
         for task in claim_tasks(number, claim, args):

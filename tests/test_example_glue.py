@@ -538,6 +538,23 @@ def test_evidence_claims_count_only_runs_at_their_epochs_unless_asked():
     assert row["config"]["epochs"] == 6
 
 
+def test_evidence_convergence_check_trains_at_the_swept_lr_and_never_sweeps_again():
+    """``--epochs 5`` reruns a claim longer at the learning rate the one (2-epoch) sweep chose: it plans no sweep at
+    5 epochs, and a sweep row at another epoch count cannot change the chosen rate."""
+    sweep = evidence.SWEEP["epochs"]
+    grid = evidence.LR_GRID["shira-r8"]
+    rows = [{"config": {"kind": "sweep", "variant": "shira-r8", "lr": lr, "epochs": sweep, "method": "shira"},
+             "score": 80.0 + i, "code": evidence.code_hash("shira")} for i, lr in enumerate(grid)]
+    args = evidence.parse_args(["--claims", "1", "--tasks", "1=sst2", "--variants", "shira-r8", "--epochs", "5",
+                                "--model", "x"])
+    specs = evidence.plan(args, rows)
+    assert {s["epochs"] for s in specs if s["kind"] == "sweep"} == {sweep}  # the sweep's own, already done
+    claims = [s for s in specs if s["kind"] == "claim"]
+    assert len(claims) == 3 and {(s["epochs"], s["lr"]) for s in claims} == {(5, grid[-1])}
+    longer = dict(rows[0], config=dict(rows[0]["config"], epochs=5), score=99.0)  # best score, but not the sweep's
+    assert evidence.chosen_lr("shira-r8", rows + [longer]) == grid[-1]
+
+
 def test_evidence_plan_scales_minutes_left_by_data_fraction_and_epochs(tmp_path):
     """Claim 2 trains on 10 %, 30 % and 100 % of the data and BitFit for 6 epochs: the CPU time left is the finished
     runs' minutes per pass over the training data times the passes still to make, not a count of runs."""
