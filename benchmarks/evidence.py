@@ -633,7 +633,34 @@ def report(args) -> str:
                 total = next(iter(seeds.values()))["steps"]
                 shown = f"{statistics.fmean(got):.0f} ({len(got)}/{len(reached)} seeds)" if got else "never"
                 lines.append(f"| {task} | {variant} | {shown} | {total} |")
+        if args.epochs:
+            lines += longer_run_check(current, claim, args.epochs)
     return "\n".join(lines)
+
+
+def longer_run_check(rows: list[dict], claim: dict, epochs: int) -> list[str]:
+    """A convergence check: each variant run at ``epochs`` beside the same seeds at the claim's own epochs, the
+    paired change in dev score (95% interval) and the last training-loss window of each."""
+    longer, usual = grouped(rows, claim, epochs), grouped(rows, claim)
+    out = []
+    for group, seeds in sorted(longer.items()):
+        shorter = usual.get(group, {})
+        common = sorted(set(seeds) & set(shorter))
+        if len(common) < 2 or shorter[common[0]]["config"]["epochs"] == epochs:
+            continue
+        before, after = ([r[s]["score"] for s in common] for r in (shorter, seeds))
+        change, _, half = interval([b - a for a, b in zip(before, after)])
+        loss = [statistics.fmean(r[s]["loss_curve"][-1][1] for s in common) for r in (shorter, seeds)]
+        out.append(f"| {group[0]} | {group[2]} | {len(common)} | {statistics.fmean(before):.2f} | "
+                   f"{statistics.fmean(after):.2f} | {change:+.2f} [{change - half:+.2f}, {change + half:+.2f}] | "
+                   f"{loss[0]:.3f} → {loss[1]:.3f} |")
+    if not out:
+        return []
+    own = sorted({r["config"]["epochs"] for seeds in usual.values() for r in seeds.values()})
+    return ["", f"Longer runs: the same seeds at the claim's {'/'.join(map(str, own))} and at {epochs} epochs "
+                "(dev score; training loss, mean of the last window):", "",
+            f"| task | variant | seeds | score, claim's epochs | score, {epochs} epochs | change [95% CI] | "
+            "last training loss |", "|---|---|---:|---:|---:|---:|---|", *out]
 
 
 def _count_label(value: float, _pos: Any = None) -> str:

@@ -555,6 +555,19 @@ def test_evidence_convergence_check_trains_at_the_swept_lr_and_never_sweeps_agai
     assert evidence.chosen_lr("shira-r8", rows + [longer]) == grid[-1]
 
 
+def test_evidence_longer_run_check_pairs_the_same_seeds_at_both_epoch_counts():
+    """``--epochs 5`` reports each variant's 5-epoch runs beside the same seeds at the claim's 3: the paired change
+    in dev score and the last training-loss window, so a reader sees whether 3 epochs had converged."""
+    def row(seed, score, epochs, loss):
+        return dict(_claim_row("sst2", "shira-r8", seed, score, epochs=epochs), loss_curve=[[10, 0.6], [20, loss]])
+    rows = [row(s, 84.0 + s, 3, 0.2) for s in range(5)] + [row(s, 85.0 + s + 0.5 * (s == 2), 5, 0.05) for s in range(3)]
+    lines = evidence.longer_run_check(rows, evidence.CLAIMS["1"], 5)
+    (line,) = [x for x in lines if x.startswith("| sst2 | shira-r8 |")]
+    # seeds 0-2 only: 85.00 -> 86.17; changes +1, +1, +1.5 (mean 1.17, std 0.29, t(2) 4.303: ±0.72)
+    assert line == "| sst2 | shira-r8 | 3 | 85.00 | 86.17 | +1.17 [+0.45, +1.88] | 0.200 → 0.050 |"
+    assert evidence.longer_run_check(rows[:5], evidence.CLAIMS["1"], 5) == []  # nothing run longer: no section
+
+
 def test_evidence_plan_scales_minutes_left_by_data_fraction_and_epochs(tmp_path):
     """Claim 2 trains on 10 %, 30 % and 100 % of the data and BitFit for 6 epochs: the CPU time left is the finished
     runs' minutes per pass over the training data times the passes still to make, not a count of runs."""
