@@ -132,9 +132,9 @@ def test_fsdp_trains_every_tuner_like_one_process(runs, policy, tuner, tmp_path)
     # AdamW carries through 4 steps to ~1e-7 relative for most tuners, and to 1.1e-5 for LayerSelect's whole GPT-2
     # block (transformers 5.24): the error sits in the attention's key bias (true gradient zero) and its query
     # and key weights, whose gradients at a near-uniform attention are small enough for rounding to flip AdamW's
-    # normalised steps. A real sharding bug (a missed reduction, a wrong shard, an entry left out) changes whole
-    # gradients, not their last bits, so 5e-5 still separates it from rounding. Mixed precision (bf16 parameters in the forward and
-    # backward, fp32 reduction and optimizer) has no one-process twin: it is compared with the fp32 run within 20%
+    # normalised steps. A real sharding bug (a missed reduction, a wrong shard, an entry left out) would change whole
+    # gradients, not their last bits, so 5e-5 still separates it from rounding. Mixed precision (bf16 parameters
+    # in the forward and backward, fp32 reduction and optimizer) has no one-process twin: it is compared with the fp32 run within 20%
     # (bf16 keeps 8 bits of mantissa, and AdamW's normalised steps carry the rounding of small gradients).
     rtol = 0.2 if policy == "mp" else 5e-5
     assert_relatively_close({k: v for k, v in got.items() if k.startswith("adapter.")}, ref_adapter, rtol, name)
