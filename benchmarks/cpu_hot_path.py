@@ -27,20 +27,16 @@ import argparse
 import contextlib
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Callable
 
-# this folder off sys.path: its kernels.py would shadow the Hugging Face ``kernels`` package bitsandbytes imports
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
 import peft_sparse  # noqa: F401  (peft_sparse.kernels)
-from peft_sparse.kernels import function as kfn  # noqa: E402
-from peft_sparse.kernels.layout import build_layout  # noqa: E402
+from peft_sparse.kernels import function as kfn
+from peft_sparse.kernels.layout import build_layout
 
 #: The projections of one block, (out, in): SmolLM2-135M (LLaMA) and all-MiniLM-L6-v2 (BERT).
 MODELS = {

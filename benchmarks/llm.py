@@ -30,7 +30,6 @@ plot from ``llm.json``; ``--phases`` runs some of the three and adds them to the
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import itertools
 import json
 import os
@@ -44,33 +43,16 @@ from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = ROOT / "benchmarks"
-sys.path.append(str(ROOT / "examples"))
-
-
-def _load(name: str):
-    """A sibling module of this script, loaded by its path: this folder stays off sys.path, since its kernels.py
-    would shadow the Hugging Face ``kernels`` package that bitsandbytes imports on CPU."""
-    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
-    module = sys.modules[name] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _without_this_folder() -> None:
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-
-
-_without_this_folder()
+sys.path += [str(ROOT / "examples"), str(HERE)]  # the example's modules, and this script's siblings when loaded by path
 import torch  # noqa: E402
 from peft import PeftModel  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 import finetune_causal_lm as example  # noqa: E402
+import step_time  # noqa: E402
+from measure import peak_rss_mib  # noqa: E402
 from methods import apply_method, trainable_entries as trainable  # noqa: E402
 
-peak_rss_mib = _load("measure").peak_rss_mib
-step_time = _load("step_time")
-_without_this_folder()  # step_time.py appends it
 interleaved_times, json_of_fresh_process, step = step_time.interleaved_times, step_time.json_of_fresh_process, step_time.step
 
 import peft_sparse  # noqa: E402

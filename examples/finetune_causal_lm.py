@@ -44,7 +44,7 @@ from finetune_glue import MethodArguments
 from glue_data import load_glue_task, subsample
 from methods import DEFAULT_LR, method_config
 
-sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))  # last: its kernels.py is not HF kernels
+sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))  # measure.py: what the method cost
 from measure import CostCallback, format_report  # noqa: E402
 
 HAS_TRL = importlib.util.find_spec("trl") is not None

@@ -40,7 +40,7 @@ import peft_sparse  # registers the peft_sparse tuners with PEFT (import it befo
 from glue_data import TASKS, compute_task_metrics
 from methods import DEFAULT_LR, METHODS, apply_method
 
-sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))  # last: its kernels.py is not HF kernels
+sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))  # measure.py: what the method cost
 from measure import CostCallback, format_report  # noqa: E402
 
 #: This script's defaults where they differ from TrainingArguments' (the settings of benchmarks/RESULTS.md); any

@@ -9,7 +9,7 @@ from transformers import Trainer, TrainingArguments
 from peft_sparse import DPSConfig, SparseTrainerCallback
 from peft_sparse.tuners.dps import DPSLayer
 
-from tiny_models import ARCHS, logits, make_batch, make_model, train_steps, trainable_names
+from tiny_models import ARCHS, logits, make_batch, make_model, train_steps
 
 
 def dps(arch="bert", **kwargs):

@@ -36,7 +36,7 @@ sys.path.append(str(ROOT / "examples"))
 import glue_data  # noqa: E402
 import methods  # noqa: E402
 
-measure = _load("measure", ROOT / "benchmarks" / "measure.py")  # by path: benchmarks/kernels.py is not HF's kernels
+measure = _load("measure", ROOT / "benchmarks" / "measure.py")
 fg = _load("finetune_glue", ROOT / "examples" / "finetune_glue.py")
 glue_bench = _load("glue_bench", ROOT / "benchmarks" / "glue.py")
 step_time = _load("step_time", ROOT / "benchmarks" / "step_time.py")

@@ -4,16 +4,14 @@ The kernels run here on CPU tensors in Triton's interpreter. ``TRITON_INTERPRET=
 before triton is first imported (``triton.language`` builds its own jit functions for one mode at import), and
 torch imports triton early (conftest's imports already have), so when this module is collected without it the
 kernel tests (``TestKernels``) run in one subprocess started with it: ``test_kernels_in_the_interpreter``.
-To run them directly: ``TRITON_INTERPRET=1 python -m pytest tests/test_kernels.py``.
+To run them directly: ``TRITON_INTERPRET=1 pytest tests/test_kernels.py``.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,9 +22,8 @@ from peft_sparse import SparseMaskConfig, kernels, sparse
 from peft_sparse.kernels import function, reference
 from peft_sparse.kernels.layout import block_value_index
 
+from fresh_python import run_python
 from tiny_models import VOCAB, make_batch
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _in_interpreter() -> bool:
@@ -134,10 +131,10 @@ def test_backend_selection_and_repr():
 def test_the_backend_is_read_from_the_environment_once_at_import():
     code = "import peft_sparse.kernels as k; print(k.get_backend())"
     env = {**os.environ, "PEFT_SPARSE_BACKEND": " Torch "}
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = run_python(["-c", code], env)
     assert done.returncode == 0 and done.stdout.strip() == "torch", done.stderr[-2000:]
     env["PEFT_SPARSE_BACKEND"] = "cuda"
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = run_python(["-c", code], env)
     assert done.returncode != 0 and "PEFT_SPARSE_BACKEND='cuda' is not one of auto, torch, triton" in done.stderr
 
 
@@ -194,7 +191,7 @@ torch.testing.assert_close(delta.values.grad, ref)
 print("ok")
 """
     env = {**os.environ, "PEFT_SPARSE_BACKEND": "auto"}
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = run_python(["-c", code], env)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
@@ -453,8 +450,7 @@ if not IN_INTERPRETER:
         pytest.importorskip("triton", minversion=INTERPRETER_MIN_TRITON, reason=INTERPRETER_SKIP_REASON)
         env = {**os.environ, "TRITON_INTERPRET": "1"}
         env.pop("PEFT_SPARSE_BACKEND", None)
-        command = [sys.executable, "-P", "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", "TestKernels"]
-        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        done = run_python(["-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", "TestKernels"], env, timeout=900)
         summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
         assert done.returncode == 0 and " passed" in summary and "skipped" not in summary, done.stdout[-6000:]
         print(summary)

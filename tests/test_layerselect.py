@@ -3,7 +3,6 @@ import copy
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from safetensors.torch import load_file
 
 import peft_sparse
 from peft_sparse import CalibrationRequiredError, LayerSelectConfig, calibrate, requires_calibration

@@ -1,6 +1,5 @@
 """BitFit and LayerSelect on bitsandbytes 8-bit and 4-bit base layers (CPU backend of bitsandbytes 0.50)."""
 
-import copy
 
 import pytest
 import torch

@@ -1,4 +1,7 @@
 import importlib
+import importlib.machinery
+import sys
+from pathlib import Path
 
 import pytest
 from peft import PeftConfig
@@ -7,6 +10,8 @@ from peft.utils import PeftType
 
 import peft_sparse
 from peft_sparse import registry
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_import_registers_tuners_with_stock_peft():
@@ -53,3 +58,18 @@ def test_kernels_are_a_subpackage_not_a_top_level_package():
     spec = importlib.util.find_spec("kernels")
     assert spec is None or spec.origin != peft_sparse.kernels.__file__, spec.origin
     assert isinstance(peft_sparse.kernels.is_triton_available(), bool)
+
+
+@pytest.mark.parametrize("folder", ["benchmarks", "examples", "tests"])
+def test_no_script_folder_shadows_an_installed_module(folder):
+    """A script puts its own folder first on sys.path, so a module there named like an installed one replaces it
+    for every script of the folder: ``benchmarks/kernels.py`` did, for Hugging Face's ``kernels`` that transformers
+    (>= 5.25) imports. (The root's ``kernels/`` folder is never on sys.path when the tests run as README says.)"""
+    ours = {(ROOT / name).resolve() for name in ("", "benchmarks", "examples", "tests")}
+    installed_path = [entry for entry in sys.path if Path(entry or ".").resolve() not in ours]
+    names = [path.stem for path in (ROOT / folder).glob("*.py")]
+    names += [path.parent.name for path in (ROOT / folder).glob("*/__init__.py")]
+    shadowed = {name: str(spec.origin) for name in names
+                if (spec := importlib.machinery.PathFinder.find_spec(name, installed_path)) is not None}
+    assert not shadowed, f"{folder}/ has modules named like installed ones: {shadowed}"
+    assert set(names) & set(sys.builtin_module_names) == set()

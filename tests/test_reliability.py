@@ -5,7 +5,6 @@ Each test names the finding it pins down. The common lifecycle of every tuner is
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -370,9 +369,9 @@ def test_a_misspelt_peft_type_names_itself_and_the_known_types(tmp_path):
 def test_a_module_that_took_the_config_mapping_before_the_import_sees_every_method():
     """A third-party module that did ``from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING`` before
     ``import peft_sparse`` gets the same mapping as PEFT: the registered methods and the clear KeyError."""
-    import subprocess
-    import sys
     import textwrap
+
+    from fresh_python import run_python
 
     script = textwrap.dedent("""
         import sys, types
@@ -391,5 +390,5 @@ def test_a_module_that_took_the_config_mapping_before_the_import_sees_every_meth
             raise AssertionError("no KeyError")
         print("ok")
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    result = run_python(["-c", script])
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]

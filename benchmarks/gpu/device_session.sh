@@ -35,8 +35,8 @@ if [[ $phases == *,tests,* ]]; then
 fi
 
 if [[ $phases == *,kernels,* ]]; then
-  python3 benchmarks/kernels.py --no-kernels --out "$OUT/h100-train-step-after.md" 2>&1 | tail -n 20
-  python3 benchmarks/kernels.py --no-train --quick --out "$OUT/h100-kernels-quick-after.md" 2>&1 | tail -n 5
+  python3 benchmarks/sparse_kernels.py --no-kernels --out "$OUT/h100-train-step-after.md" 2>&1 | tail -n 20
+  python3 benchmarks/sparse_kernels.py --no-train --quick --out "$OUT/h100-kernels-quick-after.md" 2>&1 | tail -n 5
 fi
 
 if [[ $phases == *,evidence,* ]]; then

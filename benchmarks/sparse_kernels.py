@@ -21,8 +21,8 @@ forward + backward + AdamW step on ``--train-batch`` × ``--train-length`` token
 weight; the input embeddings require grad, so the backward still runs through every layer: the floor for
 any adapter) and LoRA r=16 on the same linear layers.
 
-    python benchmarks/kernels.py --out kernels-benchmark.md
-    python benchmarks/kernels.py --quick            # one shape, one token count, three densities
+    python benchmarks/sparse_kernels.py --out kernels-benchmark.md
+    python benchmarks/sparse_kernels.py --quick            # one shape, one token count, three densities
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def fail(message: str) -> None:
-    raise SystemExit(f"benchmarks/kernels.py: {message}")
+    raise SystemExit(f"benchmarks/sparse_kernels.py: {message}")
 
 
 def peaks(args) -> tuple[float, float, str]:
