@@ -7,9 +7,8 @@ import sys
 import tempfile
 from typing import Mapping, Optional, Sequence
 
-#: Where they run: not the repository root. ``python -c`` and ``python -m`` put the working directory first on
-#: sys.path, and the root's ``kernels/`` folder (installed as ``peft_sparse.kernels``) would then shadow Hugging
-#: Face's ``kernels`` package, which transformers (>= 5.25 depends on it) and bitsandbytes import.
+#: Where they run: not the repository root, so that a test sees the installed package as a user does (``python -c``
+#: and ``python -m`` put the working directory first on sys.path).
 OUTSIDE_THE_REPOSITORY = tempfile.gettempdir()
 
 

@@ -1,0 +1,39 @@
+"""The package layout: ``peft_sparse.kernels`` is installed from ``kernels/sparse_delta/``, and the repository's
+root ``kernels/`` folder is no package, so that Hugging Face's ``kernels`` (which transformers and bitsandbytes
+import) always wins, even for a Python started in the repository root."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_root_kernels_folder_is_not_a_package():
+    assert not (ROOT / "kernels" / "__init__.py").exists()
+    assert (ROOT / "kernels" / "sparse_delta" / "__init__.py").exists()
+
+
+def test_transformers_and_peft_sparse_import_from_the_repository_root():
+    code = "import transformers, peft_sparse, peft_sparse.kernels as k; print(k.__file__)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert Path(done.stdout.strip().splitlines()[-1]).parent.name == "sparse_delta"
+
+
+@pytest.mark.slow
+def test_wheel_installs_the_kernels_as_a_subpackage(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    (wheel,) = tmp_path.glob("peft_sparse-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "peft_sparse/kernels/__init__.py" in names and "peft_sparse/kernels/function.py" in names
+    assert not any(n.startswith("kernels/") for n in names)
