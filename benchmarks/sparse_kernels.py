@@ -85,13 +85,14 @@ def bench(fn: Callable, *args) -> Optional[float]:
 
 def make_delta(shape, density, block_size, dtype, device, seed=0):
     from peft_sparse import sparse
+    from peft_sparse.tuners.sparsemask import selection
 
     g = torch.Generator().manual_seed(seed)
     if block_size == 1:
         count = max(1, round(density * shape[0] * shape[1]))
     else:
         count = max(1, round(density * math.ceil(shape[0] / block_size) * math.ceil(shape[1] / block_size)))
-    support = sparse.random_support(shape, count, g, block_size=block_size)
+    support = selection.random_support(shape, count, g, block_size=block_size)
     delta = sparse.SparseDelta(shape, support, dtype, device=device, block_size=block_size)
     with torch.no_grad():
         delta.values.normal_(0, 0.02)

@@ -30,7 +30,7 @@ from peft_sparse.tuners import (  # noqa: E402
     SparseMaskConfig,
     SparseMaskModel,
 )
-from peft_sparse.tuners.base import CalibrationRequiredError  # noqa: E402
+from peft_sparse.calibration import CalibrationRequiredError  # noqa: E402
 
 __all__ = [
     "BitFitConfig",

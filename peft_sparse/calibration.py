@@ -26,7 +26,45 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from peft_sparse import distributed
-from peft_sparse.tuners.base import SparseTunerModel, find_tuner
+from peft_sparse.modules import find_tuner
+
+
+class CalibrationRequiredError(RuntimeError):
+    """Raised when an adapter whose selection is measured from data is trained before ``calibrate`` ran."""
+
+
+class CalibrationSession:
+    """One calibration run of one tuner: ``step()`` after each backward, then ``finish()`` once, ``close()`` always.
+
+    A tuner model takes part in calibration by implementing ``needs_calibration(adapter)`` and
+    ``_begin_calibration(adapters) -> CalibrationSession``. Subclasses accumulate what they measure in ``step`` (or
+    in the layers, during the backward) and turn it into a selection in ``finish``. Under several processes,
+    ``calibrate`` sums ``measurements()`` over the ranks (in place) before ``finish``, so every rank selects from the
+    same numbers. ``close`` undoes any temporary change (``requires_grad`` flags, probes) whether or not ``finish``
+    ran.
+    """
+
+    #: Set to True by a session that has seen enough batches (priming's fixed number of steps).
+    done: bool = False
+
+    def step(self) -> None:
+        """After each backward pass."""
+
+    def measurements(self) -> list[torch.Tensor]:
+        """The tensors whose sum over all processes the selection is made from (summed in place)."""
+        return []
+
+    def finish(self) -> None:
+        """Turn the measurements into the selection and install it."""
+        raise NotImplementedError(f"{type(self).__name__} must implement finish()")
+
+    def close(self) -> None:
+        """Undo temporary changes; called whether or not ``finish`` ran."""
+
+
+def _calibrates(tuner: BaseTuner) -> bool:
+    """Whether ``tuner`` takes part in the calibration protocol (every peft_sparse tuner does)."""
+    return callable(getattr(tuner, "needs_calibration", None)) and callable(getattr(tuner, "_begin_calibration", None))
 
 
 def _tuner_of(model: nn.Module) -> BaseTuner:
@@ -39,7 +77,7 @@ def _tuner_of(model: nn.Module) -> BaseTuner:
 def requires_calibration(model: nn.Module) -> bool:
     """Whether an active adapter of ``model`` waits for ``calibrate`` before it can train."""
     tuner = _tuner_of(model)
-    return isinstance(tuner, SparseTunerModel) and any(tuner.needs_calibration(a) for a in tuner.active_adapters)
+    return _calibrates(tuner) and any(tuner.needs_calibration(a) for a in tuner.active_adapters)
 
 
 def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
@@ -72,9 +110,7 @@ def calibrate(model: nn.Module, batches: Iterable[Mapping[str, Any]], num_batche
             "would not synchronise: call calibrate() after torch.distributed is set up (Accelerator()) and before "
             "accelerator.prepare / DistributedDataParallel / fully_shard. Each rank may calibrate on its own batches."
         )
-    pending = (
-        [a for a in tuner.active_adapters if tuner.needs_calibration(a)] if isinstance(tuner, SparseTunerModel) else []
-    )
+    pending = [a for a in tuner.active_adapters if tuner.needs_calibration(a)] if _calibrates(tuner) else []
     if not pending:
         warnings.warn("calibrate(): no active adapter needs calibration; nothing was done")
         return 0

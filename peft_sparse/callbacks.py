@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
-from peft_sparse.tuners.base import find_tuner
+from peft_sparse.modules import find_tuner
 
 
 class SparseTrainerCallback(TrainerCallback):

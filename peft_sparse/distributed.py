@@ -6,7 +6,7 @@
   that operations which create or re-flag parameters (``calibrate``) can refuse to run after it.
 * FSDP2 (``fully_shard``) keeps parameters as DTensor shards between forwards: ``local`` / ``gather`` /
   ``local_part`` let per-layer state (DPS's scores and masks) follow a sharded parameter.
-* ``check_sharding`` refuses an FSDP unit inside a tuner layer (see ``SparseTunerLayer.check_sharding``).
+* ``check_sharding`` refuses an FSDP unit inside a tuner layer, which FSDP could not gather when the layer reads it.
 """
 
 from __future__ import annotations
@@ -144,11 +144,33 @@ def fsdp_units_inside(module: nn.Module) -> list[tuple[str, nn.Module]]:
 def check_sharding(model: nn.Module) -> None:
     """Refuse an FSDP setting that cannot work with the model's peft_sparse tuner (``ValueError`` naming it).
 
-    Every forward under several processes runs this check; call it right after ``fully_shard`` /
-    ``accelerator.prepare`` to fail there instead of at the first forward. See ``SparseTunerModel.check_sharding``.
+    Every forward of a peft_sparse tuner under several processes runs this check (FSDP2 finishes its set-up lazily
+    at the first forward; neither ``fully_shard`` nor ``accelerator.prepare`` has a hook for a plugin's checks); call
+    it right after ``fully_shard`` / ``accelerator.prepare`` to fail there instead. Refused: an FSDP unit strictly
+    inside a tuner layer (an adapter container, ``SparseDelta``, or a base layer whose parameters the layer reads
+    itself), which a wrap policy reaching into tuner layers creates (e.g. a size-based choice of units with a small
+    ``min_num_params``): FSDP gathers a unit's parameters only around that unit's own forward, and those are read
+    outside it.
     """
-    from peft_sparse.tuners.base import SparseTunerModel, find_tuner
+    from peft_sparse.modules import find_tuner
 
     tuner = find_tuner(model)
-    if isinstance(tuner, SparseTunerModel):
-        tuner.check_sharding()
+    layers = getattr(tuner, "tuner_layers", None)
+    if not callable(layers):
+        return
+    problems = []
+    for name, layer in layers():
+        for inner, unit in fsdp_units_inside(layer):
+            if inner == "base_layer" and layer.base_layer_can_be_fsdp_unit():
+                continue
+            problems.append(f"{name}.{inner} ({type(unit).__name__})")
+    if problems:
+        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+        raise ValueError(
+            f"This FSDP setting cannot work with {type(tuner).__name__}: {shown}. FSDP gathers a unit's parameters "
+            "only around that unit's own forward, and peft_sparse tuner layers read their adapter (and, for "
+            "LayerSelect, base) parameters themselves. Shard whole tuner layers, transformer blocks or the model: "
+            "fully_shard each block and then the model (Accelerate: fsdp_auto_wrap_policy=TRANSFORMER_BASED_WRAP, "
+            "or NO_WRAP), and never a module inside a tuner layer (a size-based policy with a small "
+            "min_num_params picks those)."
+        )

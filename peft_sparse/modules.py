@@ -8,7 +8,7 @@ blocks — and answers them here rather than in its own copy.
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 from peft.utils.quantization_utils import resolve_quantization_backend
@@ -119,3 +119,16 @@ def head_module_names(model: nn.Module, modules_to_save: Iterable[str] | None) -
 
 def is_under(name: str, prefixes: Iterable[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def find_tuner(model: nn.Module) -> Optional[nn.Module]:
+    """The PEFT tuner model (``BaseTuner``) inside ``model``: a ``PeftModel``, the tuner itself, or either wrapped
+    by DDP, FSDP, DeepSpeed or ``torch.compile`` (unwrapped with Accelerate's ``extract_model_from_parallel``)."""
+    from accelerate.utils import extract_model_from_parallel
+    from peft.tuners.tuners_utils import BaseTuner
+
+    model = extract_model_from_parallel(model, keep_torch_compile=False)
+    if isinstance(model, BaseTuner):
+        return model
+    tuner = getattr(model, "base_model", None)
+    return tuner if isinstance(tuner, BaseTuner) else None

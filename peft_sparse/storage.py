@@ -82,18 +82,33 @@ def read_entries(
                 found[kind] = state_dict[candidate] if (kind == "values" and keep_values) else state_dict.pop(candidate)
     if "shape" not in found:
         raise ValueError(f"nothing is saved for {key}")
+    for kind, tensor in found.items():
+        if kind in _ENTRY_DTYPES and tensor.dtype != _ENTRY_DTYPES[kind]:
+            raise ValueError(f"{key}.{kind} is {tensor.dtype}; peft_sparse saves it as {_ENTRY_DTYPES[kind]}")
     saved_shape = tuple(found["shape"].tolist())
     if saved_shape != tuple(shape):
         raise ValueError(f"{key} was saved from a {saved_shape} weight, the model's is {tuple(shape)}")
+    total = shape[0] * shape[1]
     if "mask" in found:
-        total = shape[0] * shape[1]
         return {"pruned": torch.nonzero(sparse.unpack_bits(found["mask"], total)).flatten()}
     if "pruned" in found:
-        return {"pruned": sparse.decode_indices(found["pruned"])}
-    result = {"indices": sparse.decode_indices(found["support"])}
+        return {"pruned": _checked_indices(key, "pruned", sparse.decode_indices(found["pruned"]), shape)}
+    result = {"indices": _checked_indices(key, "support", sparse.decode_indices(found["support"]), shape)}
     if "values" in found:
         result["values"] = found["values"]
     return result
+
+
+#: The dtype of each compact entry (values keep their training or save dtype).
+_ENTRY_DTYPES = {"support": torch.int16, "pruned": torch.int16, "mask": torch.uint8, "shape": torch.int32}
+
+
+def _checked_indices(key: str, kind: str, indices: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Decoded flat indices, refused (``ValueError``) when one falls outside the ``shape`` weight."""
+    total = shape[0] * shape[1]
+    if indices.numel() and int(indices[-1]) >= total:  # decoded gap tokens are sorted and non-negative
+        raise ValueError(f"{key}.{kind} holds index {int(indices[-1])}, outside the {tuple(shape)} weight ({total} entries)")
+    return indices
 
 
 def leftover_keys(state_dict: dict[str, torch.Tensor]) -> list[str]:

@@ -14,7 +14,7 @@ import torch
 from peft import get_peft_model
 
 from peft_sparse import BitFitConfig, DPSConfig, LayerSelectConfig, LearnerConfig, SparseMaskConfig, calibrate
-from peft_sparse.tuners.base import find_tuner
+from peft_sparse.modules import find_tuner
 from peft_sparse.tuners.dps.layer import DPSLayer
 
 from tiny_models import ARCHS, VOCAB, make_model

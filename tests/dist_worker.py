@@ -35,7 +35,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 import peft_sparse
 from peft_sparse.modules import find_layer_stack
-from peft_sparse.tuners.base import find_tuner
+from peft_sparse.modules import find_tuner
 
 import dist_scenarios as S
 

@@ -24,7 +24,7 @@ from peft import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 import dist_scenarios as S
-from peft_sparse.tuners.base import find_tuner
+from peft_sparse.modules import find_tuner
 
 
 def main(out: str) -> None:

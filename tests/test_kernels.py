@@ -19,6 +19,7 @@ from peft import get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from peft_sparse import SparseMaskConfig, kernels, sparse
+from peft_sparse.tuners.sparsemask import selection
 from peft_sparse.kernels import function, reference
 from peft_sparse.kernels.layout import block_value_index
 
@@ -55,13 +56,13 @@ def make_delta(name: str, dtype=torch.float32, seed: int = 0) -> sparse.SparseDe
     shape, block_size, kind = SHAPES[name]
     g = torch.Generator().manual_seed(seed)
     if kind == "entries":
-        support = sparse.random_support(shape, shape[0] * shape[1] // 6, g)
+        support = selection.random_support(shape, shape[0] * shape[1] // 6, g)
     else:
         grid = (-(-shape[0] // block_size), -(-shape[1] // block_size))
         total = grid[0] * grid[1]
         ids = torch.randperm(total, generator=g)[: max(2, total // 3)]
         ids = torch.unique(torch.cat([ids, torch.tensor([grid[1] - 1, total - 1])]))  # an edge block and the corner
-        support = sparse.block_support(ids, shape, block_size)
+        support = selection.block_support(ids, shape, block_size)
     delta = sparse.SparseDelta(shape, support, dtype, block_size=block_size)
     with torch.no_grad():
         delta.values.normal_(generator=g)
@@ -80,7 +81,7 @@ def test_block_pattern_describes_whole_block_supports():
     delta = make_delta("block16-edges")
     pattern = delta.block_pattern()
     assert pattern is not None and pattern.block_size == 16
-    assert torch.equal(sparse.block_support(pattern.rows * 4 + pattern.cols, delta.shape, 16), delta.indices)
+    assert torch.equal(selection.block_support(pattern.rows * 4 + pattern.cols, delta.shape, 16), delta.indices)
     # Block-major positions of the row-major values: the blocks of the dense ΔW, -1 outside the weight.
     index = block_value_index(delta.layout())
     assert index.shape == (pattern.rows.numel(), 16, 16)
@@ -107,7 +108,7 @@ def test_block_pattern_is_none_without_whole_blocks_and_follows_the_support():
     assert delta.block_pattern() is first  # derived once per support
     delta.set_support(delta.indices[1:])  # no longer whole blocks
     assert delta.block_pattern() is None
-    delta.set_support(sparse.block_support(torch.tensor([5]), delta.shape, 16))
+    delta.set_support(selection.block_support(torch.tensor([5]), delta.shape, 16))
     assert delta.block_pattern().rows.tolist() == [1] and delta.block_pattern().cols.tolist() == [1]
     delta.block_size = 8  # a 16-block is four whole 8-blocks
     assert delta.block_pattern().block_size == 8 and delta.block_pattern().rows.numel() == 4
@@ -181,6 +182,7 @@ import sys
 sys.modules["triton"] = None
 import torch
 from peft_sparse import kernels, sparse
+from peft_sparse.tuners.sparsemask import selection
 from peft_sparse.kernels import reference, sddmm, spmm
 assert not kernels.is_triton_available() and kernels.backend_for(torch.zeros(1)) == "torch"
 delta = sparse.SparseDelta((6, 5), torch.tensor([1, 7, 12, 29]), torch.float32)
@@ -389,9 +391,9 @@ def test_compiled_kernels_on_cuda():
     for shape, block in [((2048, 2048), 32), ((5632, 2048), 64), ((2000, 3000), 32), ((256, 2048), 128)]:
         g = torch.Generator().manual_seed(0)
         count = max(1, round(0.02 * -(-shape[0] // block) * -(-shape[1] // block)))
-        support = sparse.random_support(shape, count, g, block_size=block)
+        support = selection.random_support(shape, count, g, block_size=block)
         cases.append((sparse.SparseDelta(shape, support, torch.float32, block_size=block), 4096))
-        support = sparse.random_support(shape, round(0.01 * shape[0] * shape[1]), g)
+        support = selection.random_support(shape, round(0.01 * shape[0] * shape[1]), g)
         cases.append((sparse.SparseDelta(shape, support, torch.float32), 1000))
     for case, tokens in cases:
         delta = (make_delta(case) if isinstance(case, str) else case).cuda()

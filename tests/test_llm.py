@@ -28,6 +28,8 @@ from peft_sparse import (
     sparse,
 )
 
+from peft_sparse.tuners.sparsemask import selection
+
 from tiny_models import ARCHS, make_batch, make_model
 
 #: One config of every tuner (and mode), built for a task type. DPS gets a run length so that it can be stepped.
@@ -430,9 +432,9 @@ def test_sparse_products_allocate_nothing_weight_sized(block_size):
     # Quantized bases (no float W): the base layer's forward plus sparse products, forward and backward.
     from peft_sparse.kernels.function import sparse_delta_linear
 
-    delta = sparse.SparseDelta((96, 64), sparse.random_support((96, 64), 96 * 64 // 20, torch.Generator()),
+    delta = sparse.SparseDelta((96, 64), selection.random_support((96, 64), 96 * 64 // 20, torch.Generator()),
                                torch.float32) if block_size == 1 else sparse.SparseDelta(
-        (96, 64), sparse.block_support(torch.tensor([0, 5, 9]), (96, 64), 16), torch.float32, block_size=16)
+        (96, 64), selection.block_support(torch.tensor([0, 5, 9]), (96, 64), 16), torch.float32, block_size=16)
     layout = delta.layout()
     x = torch.randn(8, 64, requires_grad=True)
     for _ in range(2):

@@ -293,16 +293,6 @@ def test_a_digit_adapter_name_loads_beside_default_and_keeps_its_trainability(tm
 # ---------------------------------------------------------------------------- crashes -> clear errors
 
 
-@pytest.mark.parametrize("mode", ["delta", "mask"])
-def test_low_cpu_mem_usage_builds_and_loads_sparsemask(mode, tmp_path):
-    config = SparseMaskConfig(task_type="CAUSAL_LM", mode=mode, **({"sparsity": 0.2} if mode == "mask" else {}))
-    model = get_peft_model(make_model("llama"), config, low_cpu_mem_usage=True)
-    model.save_pretrained(tmp_path)
-    expected = logits(model, make_batch("llama"))
-    loaded = PeftModel.from_pretrained(make_model("llama"), tmp_path, low_cpu_mem_usage=True)
-    torch.testing.assert_close(logits(loaded, make_batch("llama")), expected, rtol=0, atol=0)
-
-
 @pytest.mark.parametrize("make, message", [
     (lambda: SparseMaskConfig(seed=None), "`seed` must be an integer"),
     (lambda: SparseMaskConfig(seed="1"), "`seed` must be an integer"),

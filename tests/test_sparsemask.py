@@ -259,8 +259,8 @@ def test_mask_mode_cast_whole_to_bfloat16_trains_and_saves_the_mask_it_trains(tm
     model = get_peft_model(make_model("bert"), SparseMaskConfig(task_type="SEQ_CLS", mode="mask", sparsity=0.1))
     model = model.to(torch.bfloat16)
     train_steps(model, make_batch("bert"), steps=2)
-    layer = next(m for m in model.modules() if hasattr(m, "score_dtypes"))
-    assert layer.score_dtypes["default"] == torch.bfloat16
+    layer = next(m for m in model.modules() if hasattr(m, "sparsemask_settings"))
+    assert layer.sparsemask_settings["default"].score_dtype == torch.bfloat16
     expected = logits(model, make_batch("bert"))
     model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(make_model("bert").to(torch.bfloat16), tmp_path).eval()

@@ -4,7 +4,7 @@
 serving both directions; outputs are in the activations' dtype, accumulated in fp32:
 
 * ``spmm_csr`` / ``spmm_t_csr``: any support. A program takes one output feature (a row of ΔW for ``y``, a
-  column for ``grad_x``: the CSC order comes from ``SparseDelta.csc_pattern()``) and a tile of tokens, and
+  column for ``grad_x``: the layout's CSC arrays ``ccol`` / ``csc_row`` / ``csc_order``) and a tile of tokens, and
   sums the gathered input features times the values. Activations are read and written transposed
   (features × tokens), so each gathered feature is a contiguous run of tokens.
 * ``spmm_bsr`` / ``spmm_t_bsr``: supports made of whole ``B × B`` blocks. A program takes one block row
@@ -147,7 +147,8 @@ def _block_product(a, values, pattern: BlockPattern, shape, trans: bool, block_t
     if tokens == 0 or values.numel() == 0:
         return a.new_zeros(tokens, n_out)
     out = torch.empty(tokens, n_out, dtype=a.dtype, device=a.device)
-    ptr, order = (pattern.col_ptr, pattern.col_order) if trans else (pattern.row_ptr, pattern.row_ptr)
+    # Block columns are visited through the column order; block rows are the blocks' own (row-major) order.
+    ptr, order = (pattern.col_ptr, pattern.col_order) if trans else (pattern.row_ptr, None)
     args = (
         a, values, out, ptr, order, pattern.rows, pattern.cols, pattern.row_ptr, pattern.crow,
         tokens, shape[0], shape[1], pow2_bucket(tokens), a.stride(0), a.stride(1), out.stride(0), out.stride(1),

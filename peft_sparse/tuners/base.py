@@ -1,9 +1,10 @@
 """Behaviour every peft_sparse tuner shares, written once.
 
-``SparseTunerLayer`` (a PEFT ``BaseTunerLayer``): the disabled / merged forward; ``get_delta_weight`` and the one
-merge routine (read the base parameter, dequantizing a quantized weight, add, write back, re-quantizing);
-the dtype adapters train in; and the hooks through which each layer writes and reads its own checkpoint entries
-and takes part in calibration.
+``SparseTunerLayer`` (a PEFT ``BaseTunerLayer``): the disabled / merged forward; the "base output plus each
+adapter's increment" forward (``add_increment``), which quantized and hooked bases take and which a layer that folds
+its increment into the weight overrides; ``get_delta_weight`` and the one merge routine (read the base parameter,
+dequantizing a quantized weight, add, write back, re-quantizing); the dtype adapters train in; and the hooks through
+which each layer writes and reads its own checkpoint entries.
 
 ``SparseTunerModel`` (a PEFT ``BaseTuner``) adds what a demanding PEFT user expects and PEFT leaves to each
 method:
@@ -12,11 +13,11 @@ method:
 * ``target_modules="all-linear"`` through PEFT's own expansion, default targets per architecture, and
   ``layers_to_transform`` checked against the model (every listed block must exist);
 * every check runs before the first module is replaced, so bad input leaves the model as it was;
-* checkpoints are written and read by the layers themselves (compact formats); a checkpoint is compared key by
-  key and shape by shape with the model before anything is loaded, and any failed load (a wrong checkpoint, a
-  truncated file) leaves the model as it was, trainability included;
-* the calibration protocol (``peft_sparse.calibrate``), which all-reduces its measurements across processes,
-  and the guard that refuses to train an adapter whose selection has not been measured yet;
+* checkpoints are written and read by the layers themselves (compact formats), checked before anything is loaded,
+  and rolled back on failure (``tuners/loading.py``);
+* the guard that refuses to train an adapter whose selection has not been measured yet (the calibration protocol
+  itself is in ``peft_sparse/calibration.py``);
+* ``merge_and_unload(safe_merge=True)`` checks every layer before it merges any;
 * ``set_total_steps`` / ``update_and_allocate`` on every tuner (no-ops where nothing is scheduled), so that a
   training loop written for one peft_sparse method runs with any other.
 """
@@ -24,9 +25,6 @@ method:
 from __future__ import annotations
 
 import copy
-import os
-import re
-import sys
 import warnings
 from typing import Any, Optional
 
@@ -39,56 +37,25 @@ from peft.tuners.tuners_utils import (
     _maybe_include_all_linear_layers,
     check_adapters_to_merge,
 )
-from peft.utils import INCLUDE_LINEAR_LAYERS_SHORTHAND, AuxiliaryTrainingWrapper, _get_submodules
+from peft.utils import INCLUDE_LINEAR_LAYERS_SHORTHAND, AuxiliaryTrainingWrapper
 from peft.utils.constants import DUMMY_TARGET_MODULES
 from peft.utils.integrations import _skip_init_on_device
 from peft.utils.quantization_utils import resolve_quantization_backend
 from torch import nn
 
-from peft_sparse import distributed, storage
-from peft_sparse.modules import block_index, dense_weight, find_layer_stack, head_module_names, is_linear, is_under
-
-
-class CalibrationRequiredError(RuntimeError):
-    """Raised when an adapter whose selection is measured from data is trained before ``calibrate`` ran."""
-
-
-class CalibrationSession:
-    """One calibration run of one tuner: ``step()`` after each backward, then ``finish()`` once, ``close()`` always.
-
-    Subclasses accumulate what they measure in ``step`` (or in the layers, during the backward) and turn it into
-    a selection in ``finish``. Under several processes, ``calibrate`` sums ``measurements()`` over the ranks
-    (in place) before ``finish``, so every rank selects from the same numbers. ``close`` undoes any temporary
-    change (``requires_grad`` flags, probes) whether or not ``finish`` ran.
-    """
-
-    #: Set to True by a session that has seen enough batches (priming's fixed number of steps).
-    done: bool = False
-
-    def step(self) -> None:
-        """After each backward pass."""
-
-    def measurements(self) -> list[torch.Tensor]:
-        """The tensors whose sum over all processes the selection is made from (summed in place)."""
-        return []
-
-    def finish(self) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-
-def find_tuner(model: nn.Module) -> Optional[BaseTuner]:
-    """The PEFT tuner model (``BaseTuner``) inside ``model``: a ``PeftModel``, the tuner itself, or either wrapped
-    by DDP, FSDP, DeepSpeed or ``torch.compile`` (unwrapped with Accelerate's ``extract_model_from_parallel``)."""
-    from accelerate.utils import extract_model_from_parallel
-
-    model = extract_model_from_parallel(model, keep_torch_compile=False)
-    if isinstance(model, BaseTuner):
-        return model
-    tuner = getattr(model, "base_model", None)
-    return tuner if isinstance(tuner, BaseTuner) else None
+from peft_sparse import distributed
+from peft_sparse.calibration import CalibrationRequiredError, CalibrationSession
+from peft_sparse.modules import (
+    block_index,
+    dense_weight,
+    find_layer_stack,
+    head_module_names,
+    is_linear,
+    is_norm,
+    is_under,
+    linear_shape,
+)
+from peft_sparse.tuners import loading
 
 
 # ----------------------------------------------------------------------------------------------------- layers
@@ -116,6 +83,7 @@ class SparseTunerLayer(nn.Module, BaseTunerLayer):
         # Quantized weights as they were before each merge (adapter, parameter, bitsandbytes 8-bit state): unmerge
         # puts them back exactly.
         self._weights_before_merge: list[tuple[str, nn.Parameter, Any]] = []
+        self.in_features, self.out_features = _io_features(base_layer)
 
     # ------------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -127,23 +95,31 @@ class SparseTunerLayer(nn.Module, BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         return self.adapted_forward(x, *args, **kwargs)
 
+    def ready_adapters(self) -> list[str]:
+        """The active adapters this layer holds and can run (a support still waiting for calibration cannot)."""
+        return [a for a in self.active_adapters if self.has_adapter(a)]
+
     def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        raise NotImplementedError
+        """The forward with the active adapters. Default: ``base(x)`` plus each adapter's increment; layers that fold
+        their increment into the weight override it for the bases that allow that."""
+        return self.base_plus_increments(x, self.ready_adapters(), *args, **kwargs)
+
+    def base_plus_increments(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``base(x)`` with each of ``adapters``' output increments added (``add_increment``)."""
+        result = self.base_layer(x, *args, **kwargs)
+        for adapter in adapters:
+            result = self.add_increment(result, adapter, x)
+        return result
+
+    def add_increment(self, result: torch.Tensor, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """``result`` (the base output for input ``x``, or rows of it) plus what ``adapter_name`` adds to it."""
+        raise NotImplementedError(f"{type(self).__name__} must implement add_increment")
 
     def base_layer_can_be_fsdp_unit(self) -> bool:
         """Whether FSDP may shard ``base_layer`` as a unit of its own. FSDP gathers a unit's parameters only around
         the unit's own forward; every layer that reaches a hooked base layer through its forward
         (``base_runs_own_forward``) allows it, a layer that reads the base parameters itself does not."""
         return True
-
-    def sharding_problems(self) -> list[str]:
-        """FSDP units inside this layer that cannot work (see ``check_sharding``), as ``"<name> (<type>)"``."""
-        problems = []
-        for name, module in distributed.fsdp_units_inside(self):
-            if name == "base_layer" and self.base_layer_can_be_fsdp_unit():
-                continue
-            problems.append(f"{name} ({type(module).__name__})")
-        return problems
 
     @property
     def is_quantized(self) -> bool:
@@ -192,15 +168,25 @@ class SparseTunerLayer(nn.Module, BaseTunerLayer):
         return {} if delta is None else {"weight": delta.detach()}
 
     # ------------------------------------------------------------------------------------------- merging
+    def non_finite_adapters(self, adapter_names: Optional[list[str]] = None) -> list[str]:
+        """Of the adapters a merge would fold in, those holding NaNs or infinities."""
+        wanted = adapter_names if adapter_names is not None else self.active_adapters
+        return [
+            a for a in wanted
+            if a not in self.merged_adapters and self.has_adapter(a)
+            and not all(bool(torch.isfinite(t).all()) for t in self._adapter_tensors(a))
+        ]
+
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Fold the adapters' changes into the base layer (re-quantizing a quantized weight: the merged layer then
         differs from the unmerged one by the quantization error)."""
         self._refuse_sharded("merge")
+        if safe_merge and self.non_finite_adapters(adapter_names):
+            bad = self.non_finite_adapters(adapter_names)
+            raise ValueError(f"NaNs or infinities in adapter(s) {bad} of {type(self).__name__}; nothing was merged")
         for adapter in check_adapters_to_merge(self, adapter_names):
             if not self.has_adapter(adapter):
                 continue
-            if safe_merge and not all(torch.isfinite(t).all() for t in self._adapter_tensors(adapter)):
-                raise ValueError(f"NaNs or infinities in adapter {adapter!r} of {type(self).__name__}; not merged")
             with torch.no_grad():
                 self._add_to_base(adapter, 1.0)
             self.merged_adapters.append(adapter)
@@ -280,6 +266,26 @@ class SparseTunerLayer(nn.Module, BaseTunerLayer):
 # ------------------------------------------------------------------------------------------------ tuner model
 
 
+def _parameters_created_on_meta() -> bool:
+    """Whether new parameters land on the meta device here: ``get_peft_model(..., low_cpu_mem_usage=True)`` builds
+    the tuner inside Accelerate's ``init_empty_weights`` instead of passing the flag on."""
+    probe = nn.Module()
+    probe.register_parameter("probe", nn.Parameter(torch.zeros(1)))
+    return probe.probe.is_meta
+
+
+def _io_features(module: nn.Module) -> tuple[Optional[int], Optional[int]]:
+    """``(in_features, out_features)`` of a wrapped module, as PEFT expects every tuner layer to expose them."""
+    if is_linear(module):
+        out_size, in_size = linear_shape(module)
+        return in_size, out_size
+    if is_norm(module):
+        return module.weight.shape[0], module.weight.shape[0]
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    return getattr(module, "in_features", None), getattr(module, "out_features", None)
+
+
 def _keep_bnb_4bit_weight_readable(layer: nn.Module) -> None:
     """Stop bitsandbytes from repacking a CPU ``Linear4bit`` weight for its bf16 inference kernel.
 
@@ -314,7 +320,10 @@ class SparseTunerModel(BaseTuner):
 
     def __init__(self, model: nn.Module, *args: Any, **kwargs: Any) -> None:
         self._calibrating = False
+        # Per adapter: every parameter's trainability before it was injected (what a failed load restores), and
+        # the adapters found calibrated, so that a training forward does not look them up again.
         self._trainability_before: dict[str, list[tuple[torch.Tensor, bool]]] = {}
+        self._known_calibrated: set[str] = set()
         super().__init__(model, *args, **kwargs)
 
     def tuner_layers(self) -> list[tuple[str, SparseTunerLayer]]:
@@ -337,20 +346,26 @@ class SparseTunerModel(BaseTuner):
 
     # ------------------------------------------------------------------------------------------- injection
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
-        _refuse_transformers_loader(type(self), self.peft_config[adapter_name])
+        loading.refuse_transformers_loader(type(self), self.peft_config[adapter_name])
+        if kwargs.get("low_cpu_mem_usage") or _parameters_created_on_meta():
+            self.peft_config.pop(adapter_name, None)
+            raise ValueError(
+                f"{type(self).__name__} does not support low_cpu_mem_usage=True: its adapters are built from the base "
+                "weights (supports, masks, Learner nodes) and resized by the checkpoint they load, which PEFT's empty "
+                "(meta-device) adapter weights cannot serve. Leave low_cpu_mem_usage=False (the default); the model "
+                "was left as it was."
+            )
+        self._known_calibrated.discard(adapter_name)
         # The tuner keeps its own copy of the config and resolves model-dependent defaults into it, so the user's
         # config object is never changed: the same config can build adapters on several models.
         source = getattr(self.peft_config[adapter_name], "_loaded_from", None)
         self.peft_config[adapter_name] = copy.deepcopy(self.peft_config[adapter_name])
         if source is not None:
-            _check_readable_checkpoint(source)  # before any module is touched
+            loading.check_readable_checkpoint(source)  # before any module is touched
         # What a failed load restores: every parameter's trainability before this adapter existed.
         trainability = [(p, p.requires_grad) for p in model.parameters()]
         self._trainability_before[adapter_name] = trainability
         existing = any(isinstance(m, BaseTunerLayer) for m in model.modules())
-        # Adapters are small next to the model and some derive their support from the base weights: they are
-        # always built with real tensors (PEFT's low_cpu_mem_usage would build them on the meta device).
-        kwargs["low_cpu_mem_usage"] = False
         with _skip_init_on_device():
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         if existing:
@@ -394,16 +409,30 @@ class SparseTunerModel(BaseTuner):
                     f"target_modules='all-linear' does not apply to {type(peft_config).__name__}: it chooses its "
                     "modules itself (see its docstring); leave target_modules unset"
                 )
-            # PEFT's own expansion, exactly as for LoRA: every linear layer but the output embeddings / the
-            # classification head, recorded as explicit names so that a saved adapter reloads onto the same ones.
-            _maybe_include_all_linear_layers(peft_config, self.model)
-            peft_config.target_modules = sorted(peft_config.target_modules)
+            self._expand_all_linear(peft_config, self.model)
         self._check_layers_to_transform(self.model, peft_config)
         config = self._resolve_config(self.model, peft_config)
         if config.target_modules != DUMMY_TARGET_MODULES:
             config = self._apply_layers_to_transform(self.model, config)
             self._validate_targets(self.model, config)
         return config
+
+    def _expand_all_linear(self, config: PeftConfig, model: nn.Module) -> None:
+        """``target_modules="all-linear"`` by PEFT's own expansion, exactly as for LoRA (every linear layer but the
+        output embeddings / the classification head), recorded as explicit names so that a saved adapter reloads onto
+        the same ones. On a model that already holds adapters, a tuner layer counts as the linear layer it wraps
+        (PEFT recognises only tuner layers named ``*Linear*``), and what lies inside PEFT's wrappers (a
+        ``modules_to_save`` copy, a ``base_layer``) is left out."""
+        config.target_modules = INCLUDE_LINEAR_LAYERS_SHORTHAND
+        _maybe_include_all_linear_layers(config, model)
+        visible = dict(self._base_modules(model))
+        head = head_module_names(model, config.modules_to_save)
+        wrapped = {
+            name for name, module in model.named_modules()
+            if isinstance(module, BaseTunerLayer) and name in visible and is_linear(visible[name])
+            and not is_under(name, head)
+        }
+        config.target_modules = sorted({name for name in config.target_modules if name in visible} | wrapped)
 
     def _check_layers_to_transform(self, model: nn.Module, config: PeftConfig) -> None:
         """Every block index in ``layers_to_transform`` must exist (PEFT silently drops unknown ones)."""
@@ -441,8 +470,9 @@ class SparseTunerModel(BaseTuner):
 
     @staticmethod
     def _base_modules(model: nn.Module):
-        """``(name, module)`` for every module a tuner may target: a tuner layer counts as its base layer,
-        and what lives inside tuner layers (``base_layer``, adapter weights) is skipped."""
+        """``(name, module)`` for every module a tuner may target: a tuner layer counts as its base layer, a PEFT
+        wrapper of a module trained whole (``modules_to_save``) as its original module, and what lives inside either
+        (``base_layer``, adapter weights, the wrapper's copies) is skipped."""
         inside: list[str] = []
         for key, module in model.named_modules():
             if not key or is_under(key, inside):
@@ -450,6 +480,9 @@ class SparseTunerModel(BaseTuner):
             if isinstance(module, BaseTunerLayer):
                 inside.append(key)
                 module = module.get_base_layer()
+            elif isinstance(module, AuxiliaryTrainingWrapper):
+                inside.append(key)
+                module = getattr(module, "original_module", module)
             yield key, module
 
     def _targeted_modules(self, model: nn.Module, config: PeftConfig) -> dict[str, nn.Module]:
@@ -533,8 +566,8 @@ class SparseTunerModel(BaseTuner):
     ) -> dict[str, torch.Tensor]:
         try:
             remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-            remapped = cls._read_layer_checkpoints(model, adapter_name, remapped)
-            problems = cls._checkpoint_problems(model, adapter_name, remapped)
+            remapped = loading.read_layer_checkpoints(cls, model, adapter_name, remapped)
+            problems = loading.checkpoint_problems(cls.prefix, model, adapter_name, remapped)
             if problems:
                 shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
                 raise ValueError(
@@ -543,50 +576,9 @@ class SparseTunerModel(BaseTuner):
                     "left as it was."
                 )
         except ValueError:
-            _remove_adapter(model, adapter_name)
+            loading.remove_adapter(model, adapter_name)
             raise
         return remapped
-
-    @classmethod
-    def _read_layer_checkpoints(cls, model, adapter_name, state_dict):
-        """Let every layer decode its own entries; entries no layer claimed mean another model's checkpoint."""
-        state_dict = dict(state_dict)
-        for name, layer in model.named_modules():
-            if isinstance(layer, cls.tuner_layer_cls) and layer.has_adapter(adapter_name):
-                try:
-                    layer.read_checkpoint(adapter_name, name, state_dict)
-                except (RuntimeError, ValueError, KeyError) as error:
-                    shape = getattr(layer, "shape", None)
-                    where = f"{name} {tuple(shape)}" if shape is not None else name
-                    raise ValueError(f"The {cls.prefix.rstrip('_')} checkpoint does not fit {where}: {error}") from None
-        leftovers = storage.leftover_keys(state_dict)
-        if leftovers:
-            raise ValueError(
-                f"The {cls.prefix.rstrip('_')} checkpoint has entries for modules this model lacks: {leftovers[:3]}"
-            )
-        return state_dict
-
-    @classmethod
-    def _checkpoint_problems(
-        cls, model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]
-    ) -> list[str]:
-        """Keys of this adapter that the checkpoint lacks, has extra, or holds with another shape; and entries
-        of the rest of the checkpoint (the task head) whose shape differs from the model's."""
-        own = re.compile(rf"(^|\.){re.escape(cls.prefix)}[^.]*\.{re.escape(adapter_name)}(\.|$)")
-        marker = re.compile(rf"(^|\.){re.escape(cls.prefix)}")
-        model_state = model.state_dict()
-        expected = {k: v for k, v in model_state.items() if own.search(k)}
-        problems = []
-        for key, tensor in state_dict.items():
-            if marker.search(key):
-                if key not in expected:
-                    problems.append(f"unexpected key {key}")
-                elif tuple(tensor.shape) != tuple(expected[key].shape):
-                    problems.append(f"{key} has shape {tuple(tensor.shape)}, the model {tuple(expected[key].shape)}")
-            elif key in model_state and tuple(tensor.shape) != tuple(model_state[key].shape):
-                problems.append(f"{key} has shape {tuple(tensor.shape)}, the model {tuple(model_state[key].shape)}")
-        problems += [f"missing key {k}" for k in expected if k not in state_dict]
-        return problems
 
     # ------------------------------------------------------------------------------------------ calibration
     def needs_calibration(self, adapter_name: str) -> bool:
@@ -596,42 +588,46 @@ class SparseTunerModel(BaseTuner):
     def _begin_calibration(self, adapter_names: list[str]) -> CalibrationSession:
         raise TypeError(f"{type(self).__name__} has nothing to calibrate")
 
-    def check_sharding(self) -> None:
-        """Refuse FSDP settings that cannot work with this tuner, with an error naming the setting.
-
-        Called by every forward under ``torch.distributed`` (FSDP2 itself finishes its set-up lazily at the first
-        forward; neither ``fully_shard`` nor ``accelerator.prepare`` has a hook for a plugin's checks), and callable
-        right after ``fully_shard`` / ``accelerator.prepare``. Refused: an FSDP unit strictly inside a tuner layer
-        (an adapter container, ``SparseDelta``, or a base layer whose parameters the layer reads itself), which a
-        wrap policy reaching into tuner layers creates (e.g. a size-based choice of units with a small
-        ``min_num_params``): FSDP gathers a unit's parameters only around that unit's own forward, and those are
-        read outside it.
-        """
-        problems = []
-        for name, layer in self.tuner_layers():
-            problems += [f"{name}.{inner}" for inner in layer.sharding_problems()]
-        if problems:
-            shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
-            raise ValueError(
-                f"This FSDP setting cannot work with {type(self).__name__}: {shown}. FSDP gathers a unit's parameters "
-                "only around that unit's own forward, and peft_sparse tuner layers read their adapter (and, for "
-                "LayerSelect, base) parameters themselves. Shard whole tuner layers, transformer blocks or the model: "
-                "fully_shard each block and then the model (Accelerate: fsdp_auto_wrap_policy=TRANSFORMER_BASED_WRAP, "
-                "or NO_WRAP), and never a module inside a tuner layer (a size-based policy with a small "
-                "min_num_params picks those)."
-            )
-
     def forward(self, *args: Any, **kwargs: Any):
         if distributed.world_size() > 1:
-            self.check_sharding()
+            distributed.check_sharding(self)
         if self.model.training and not self._calibrating:
-            pending = [a for a in self.active_adapters if self.needs_calibration(a)]
+            unknown = [a for a in self.active_adapters if a not in self._known_calibrated]
+            pending = [a for a in unknown if self.needs_calibration(a)]
             if pending:
                 raise CalibrationRequiredError(
                     f"Adapter(s) {pending} choose what to train from data: run "
                     "`peft_sparse.calibrate(model, batches)` before training (eval-mode forwards are fine)."
                 )
+            self._known_calibrated.update(unknown)  # calibrated adapters stay so until deleted or re-injected
         return super().forward(*args, **kwargs)
+
+    # --------------------------------------------------------------------------------------- merging, deleting
+    def _refuse_non_finite(self, adapter_names: Optional[list[str]]) -> None:
+        """``safe_merge``: every layer is checked before any is merged, so a NaN anywhere merges nothing."""
+        bad = sorted({a for _, layer in self.tuner_layers() for a in layer.non_finite_adapters(adapter_names)})
+        if bad:
+            raise ValueError(f"NaNs or infinities in adapter(s) {bad}; nothing was merged (safe_merge=True)")
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        if safe_merge:
+            self._refuse_non_finite(adapter_names)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
+                                     adapter_names: Optional[list[str]] = None):
+        if merge and safe_merge:
+            self._refuse_non_finite(adapter_names)
+        return super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=safe_merge,
+                                                    adapter_names=adapter_names)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """PEFT's ``delete_adapter``; the layers free every per-adapter entry they registered with PEFT
+        (``adapter_layer_names`` / ``other_param_names``) and the tuner its own."""
+        super().delete_adapter(adapter_name)
+        self._trainability_before.pop(adapter_name, None)
+        self._known_calibrated.discard(adapter_name)
+        getattr(self, "_autocast_adapter_dtype", {}).pop(adapter_name, None)
 
     # ------------------------------------------------------------------------------------------- schedules
     def set_total_steps(self, total_steps: int) -> None:
@@ -648,65 +644,6 @@ def _pattern(config: PeftConfig) -> Optional[str]:
     if isinstance(pattern, (list, tuple)):
         return pattern[0] if len(pattern) == 1 else None
     return pattern or None
-
-
-def _remove_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Undo a half-loaded adapter: delete it, or restore the base modules if it was the only one, and give every
-    parameter back the trainability it had before the adapter was injected."""
-    tuner = model if isinstance(model, BaseTuner) else getattr(model, "base_model", model)
-    if not isinstance(tuner, BaseTuner) or adapter_name not in tuner.peft_config:
-        return
-    trainability = getattr(tuner, "_trainability_before", {}).pop(adapter_name, [])
-    others = [name for name in tuner.peft_config if name != adapter_name]
-    if others:
-        if adapter_name in tuner.active_adapters:
-            remaining = [a for a in tuner.active_adapters if a != adapter_name] or [others[0]]
-            tuner.set_adapter(remaining if len(remaining) > 1 else remaining[0])
-        tuner.delete_adapter(adapter_name)
-        getattr(model, "peft_config", {}).pop(adapter_name, None)
-    else:
-        # Put the original modules back: the head PEFT copied for modules_to_save, then every tuner layer.
-        for name, module in list(tuner.model.named_modules()):
-            if isinstance(module, AuxiliaryTrainingWrapper) and hasattr(module, "original_module"):
-                parent, _, child = _get_submodules(tuner.model, name)
-                setattr(parent, child, module.original_module)
-        tuner._unload_and_optionally_merge(merge=False)
-    for param, requires_grad in trainability:
-        param.requires_grad_(requires_grad)
-
-
-def _check_readable_checkpoint(source: str) -> None:
-    """Read a local adapter checkpoint whole before its adapter is injected, so that a truncated or corrupt file
-    is an error that leaves the model as it was (PEFT reads the file only after injecting)."""
-    path = os.path.join(str(source), "adapter_model.safetensors")
-    if not os.path.isfile(path):
-        return  # a hub id, or a .bin checkpoint: PEFT reports those itself
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        load_file(path)
-    except (SafetensorError, OSError, RuntimeError, ValueError) as error:
-        raise ValueError(f"Cannot read the adapter checkpoint {path} ({error}); the model was left as it was") from None
-
-
-def _refuse_transformers_loader(tuner_cls: type, config: PeftConfig) -> None:
-    """transformers' ``PreTrainedModel.load_adapter`` fills the injected parameters with its own loader, which
-    never calls the tuner's checkpoint decoding: for tuners whose entries are compact or resized by the checkpoint
-    (SparseMask, DPS, Learner) it would load zeros, no mask, or fail on sizes. Refuse it before anything changes."""
-    if tuner_cls.transformers_loader_exact:
-        return
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name == "load_adapter" and "transformers" in frame.f_code.co_filename.replace("\\", "/"):
-            name = type(config).__name__.removesuffix("Config")
-            raise ValueError(
-                f"transformers' `model.load_adapter` cannot load a {name} adapter exactly (its loader bypasses "
-                "PEFT's checkpoint hooks, which decode this adapter's compact entries). Load it with "
-                "`PeftModel.from_pretrained(model, path)`, or `peft_model.load_adapter(path, adapter_name)`; "
-                "the model was left as it was."
-            )
-        frame = frame.f_back
 
 
 def shallow_with(config: PeftConfig, **changes: Any) -> PeftConfig:

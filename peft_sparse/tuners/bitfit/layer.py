@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
 
-from peft_sparse.modules import is_linear, is_norm, out_features
+from peft_sparse.modules import is_linear, is_norm
 from peft_sparse.tuners.base import SparseTunerLayer
 
 from .config import BitFitConfig
@@ -28,7 +28,6 @@ class BitFitLayer(SparseTunerLayer):
             raise TypeError(f"BitFit cannot wrap {type(base_layer).__name__}")
         self._init_tuner_layer(base_layer, adapter_name)
         self.bitfit_bias = nn.ParameterDict({})
-        self.out_features = out_features(base_layer)
         self.update_layer(adapter_name, config)
 
     def update_layer(self, adapter_name: str, config: BitFitConfig, **kwargs: Any) -> None:
@@ -38,16 +37,8 @@ class BitFitLayer(SparseTunerLayer):
         self.bitfit_bias[adapter_name] = nn.Parameter(zeros)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
-    def _active_delta(self) -> Optional[torch.Tensor]:
-        deltas = [self.bitfit_bias[name] for name in self.active_adapters if name in self.bitfit_bias]
-        if not deltas:
-            return None
-        return deltas[0] if len(deltas) == 1 else torch.stack(deltas).sum(0)
-
-    def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        delta = self._active_delta()
-        return result if delta is None else result + delta.to(result.dtype)
+    def add_increment(self, result: torch.Tensor, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        return result + self.bitfit_bias[adapter_name].to(result.dtype)
 
     def get_delta_weight(self, adapter_name: str) -> None:
         return None  # BitFit changes biases only

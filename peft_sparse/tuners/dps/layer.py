@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peft_sparse import distributed, sparse, storage
-from peft_sparse.modules import dense_weight, is_linear, linear_shape
+from peft_sparse.modules import dense_weight, is_linear
 from peft_sparse.tuners.base import SparseTunerLayer
 
 from .config import DPSConfig
@@ -60,6 +60,7 @@ class DPSLayer(SparseTunerLayer):
     """
 
     adapter_layer_names = ("dps_delta", "dps_bias")
+    other_param_names = ("states", "schedules")  # PEFT's delete_adapter frees them with the adapter
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: DPSConfig, **kwargs: Any) -> None:
         super().__init__()
@@ -71,7 +72,6 @@ class DPSLayer(SparseTunerLayer):
         self.states: dict[str, StageState] = {}
         self.schedules: dict[str, Schedule] = {}
         self.checkpoint_schedule = False  # set by DPSModel.save_schedule_state (Trainer checkpoints)
-        self.out_features, self.in_features = linear_shape(base_layer)
         self.update_layer(adapter_name, config)
 
     @property
@@ -105,21 +105,24 @@ class DPSLayer(SparseTunerLayer):
         return delta
 
     def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        active = [a for a in self.active_adapters if a in self.dps_delta]
-        if not active:
-            return self.base_layer(x, *args, **kwargs)
+        active = self.ready_adapters()
+        if not active or self.base_runs_own_forward():
+            return self.base_plus_increments(x, active, *args, **kwargs)
         delta = self._effective_delta(active[0])
         for adapter in active[1:]:
             delta = delta + self._effective_delta(adapter)
-        biases = [self.dps_bias[a] for a in active if a in self.dps_bias]
-        bias_delta = sum(biases[1:], biases[0]) if biases else None
-        if self.base_runs_own_forward():
-            result = self.base_layer(x, *args, **kwargs)
-            return result + F.linear(x.to(delta.dtype), delta, bias_delta).to(result.dtype)
         base = self.get_base_layer()
         weight = dense_weight(base)
-        bias = base.bias if bias_delta is None else base.bias + bias_delta.to(base.bias.dtype)
+        bias = base.bias
+        for adapter in active:
+            if adapter in self.dps_bias:
+                bias = self.dps_bias[adapter].to(weight.dtype) if bias is None else bias + self.dps_bias[adapter].to(bias.dtype)
         return F.linear(x, weight + delta.to(weight.dtype), bias)
+
+    def add_increment(self, result: torch.Tensor, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        delta = self._effective_delta(adapter_name)
+        bias = self.dps_bias[adapter_name] if adapter_name in self.dps_bias else None
+        return result + F.linear(x.to(delta.dtype), delta, bias).to(result.dtype)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         return self.dps_delta[adapter_name].detach()

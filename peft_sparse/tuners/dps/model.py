@@ -7,8 +7,6 @@ from typing import Any
 
 import torch
 from peft.config import PeftConfig
-from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
-from peft.utils import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from torch import nn
 
 from peft_sparse.modules import head_module_names, is_norm, is_under
@@ -41,9 +39,7 @@ class DPSModel(SparseTunerModel):
         if config.scope != "model":
             return super()._resolve_config(model, config)
         if config.target_modules is None:  # every linear layer outside the head, as PEFT's all-linear
-            config.target_modules = INCLUDE_LINEAR_LAYERS_SHORTHAND
-            _maybe_include_all_linear_layers(config, model)
-            config.target_modules = sorted(config.target_modules)
+            self._expand_all_linear(config, model)
         # Norms and embeddings train densely (PEFT's modules_to_save), as in the authors' code.
         dense = sorted(
             name for name, module in self._base_modules(model)

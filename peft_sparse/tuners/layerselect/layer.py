@@ -55,23 +55,21 @@ class LayerSelectLayer(SparseTunerLayer):
         )
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
-    def _summed_deltas(self) -> dict[str, torch.Tensor]:
+    def _summed_deltas(self, adapters: list[str]) -> dict[str, torch.Tensor]:
         summed: dict[str, torch.Tensor] = {}
-        for adapter in self.active_adapters:
-            if adapter not in self.layerselect_delta:
-                continue
+        for adapter in adapters:
             for name, delta in self.layerselect_delta[adapter].items():
                 summed[name] = delta if name not in summed else summed[name] + delta
         return summed
 
     def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        deltas = self._summed_deltas()
-        if not deltas:
-            return self.base_layer(x, *args, **kwargs)
-        if self.is_quantized:
-            result = self.base_layer(x, *args, **kwargs)
-            weight = deltas["weight"]
-            return result + F.linear(x.to(weight.dtype), weight, deltas.get("bias")).to(result.dtype)
+        active = self.ready_adapters()
+        if not active or self.is_quantized:
+            return self.base_plus_increments(x, active, *args, **kwargs)
+        return self._forward_with(self._summed_deltas(active), x, *args, **kwargs)
+
+    def _forward_with(self, deltas: dict[str, torch.Tensor], x: torch.Tensor, *args: Any, **kwargs: Any):
+        """The base module run once with ``p + Δp`` for its parameters (``torch.func.functional_call``)."""
         base = self.get_base_layer()
         own = dict(base.named_parameters(recurse=False))
         empty = [name for name in deltas if name in own and own[name].numel() != deltas[name].numel()]
@@ -84,6 +82,14 @@ class LayerSelectLayer(SparseTunerLayer):
             )
         params = {name: p + deltas[name].to(p.dtype) for name, p in own.items() if name in deltas}
         return functional_call(base, params, (x, *args), kwargs)
+
+    def add_increment(self, result: torch.Tensor, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """A linear layer's ``x @ ΔWᵀ + Δb``; any other module's ``f(x; p + Δp) − f(x; p)`` (two forwards)."""
+        deltas = self.layerselect_delta[adapter_name]
+        if is_linear(self.get_base_layer()):
+            weight = self.get_delta_weight(adapter_name)
+            return result + F.linear(x.to(weight.dtype), weight, deltas.get("bias")).to(result.dtype)
+        return result + (self._forward_with(dict(deltas), x) - self.base_layer(x)).to(result.dtype)
 
     def base_layer_can_be_fsdp_unit(self) -> bool:
         # A full-precision base runs through functional_call with summed parameters, which FSDP's gather around the

@@ -10,9 +10,9 @@ from peft.utils.constants import DUMMY_TARGET_MODULES
 from torch import nn
 
 from peft_sparse.modules import block_index, find_layer_stack, has_own_parameters
-from peft_sparse.tuners.base import CalibrationSession, SparseTunerModel, shallow_with
+from peft_sparse.calibration import CalibrationSession
+from peft_sparse.tuners.base import SparseTunerModel, shallow_with
 
-from .config import LayerSelectConfig
 from .layer import LayerSelectLayer
 
 

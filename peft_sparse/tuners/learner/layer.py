@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
-from peft_sparse.modules import dense_weight, is_linear, linear_shape
+from peft_sparse.modules import is_linear
 from peft_sparse.tuners.base import SparseTunerLayer
 
 from .config import LearnerConfig
@@ -36,7 +36,6 @@ class LearnerLayer(SparseTunerLayer):
         self.learner_weight = nn.ParameterDict({})
         self.learner_bias = nn.ParameterDict({})
         self.learner_nodes = BufferDict({}, persistent=True)
-        self.out_features, self.in_features = linear_shape(base_layer)
         self.update_layer(adapter_name, config)
 
     @property
@@ -73,19 +72,15 @@ class LearnerLayer(SparseTunerLayer):
             self.learner_bias[adapter_name] = nn.Parameter(bias, requires_grad=requires_grad)
 
     # ----------------------------------------------------------------------------------------- forward
-    def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        for adapter in self.active_adapters:
-            if adapter not in self.learner_nodes or len(self.learner_nodes[adapter]) == 0:
-                continue
-            nodes, weight = self.learner_nodes[adapter], self.learner_weight[adapter]
-            if self.role == "up":
-                update = F.linear(x.to(weight.dtype), weight, self.learner_bias.get(adapter))
-                result = result.index_add(-1, nodes, update.to(result.dtype))
-            else:
-                hidden = x.index_select(-1, nodes).to(weight.dtype)
-                result = result + F.linear(hidden, weight).to(result.dtype)
-        return result
+    def ready_adapters(self) -> list[str]:
+        return [a for a in self.active_adapters if a in self.learner_nodes and len(self.learner_nodes[a]) > 0]
+
+    def add_increment(self, result: torch.Tensor, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        nodes, weight = self.learner_nodes[adapter_name], self.learner_weight[adapter_name]
+        if self.role == "up":
+            update = F.linear(x.to(weight.dtype), weight, self.learner_bias.get(adapter_name))
+            return result.index_add(-1, nodes, update.to(result.dtype))
+        return result + F.linear(x.index_select(-1, nodes).to(weight.dtype), weight).to(result.dtype)
 
     # ------------------------------------------------------------------------------------ deltas, merging
     def has_adapter(self, adapter_name: str) -> bool:

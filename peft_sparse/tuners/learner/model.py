@@ -7,14 +7,16 @@ from typing import Any
 
 import torch
 from peft.config import PeftConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
 from peft_sparse import distributed
-from peft_sparse.modules import dense_weight, find_layer_stack, is_linear
-from peft_sparse.tuners.base import CalibrationSession, SparseTunerModel, shallow_with
+from peft_sparse.modules import dense_weight, find_layer_stack, is_linear, linear_shape
+from peft_sparse.calibration import CalibrationSession
+from peft_sparse.tuners.base import SparseTunerModel, shallow_with
 
-from .config import FFN_LAYOUTS, LearnerConfig
+from .config import FFN_LAYOUTS
 from .layer import LearnerLayer
 
 
@@ -51,6 +53,7 @@ class LearnerModel(SparseTunerModel):
             missing = [rel for rel in [*config.up_modules, config.down_module] if rel not in present]
             if missing:
                 raise ValueError(f"{stack_name}.{index} has no {missing} (up_modules/down_module)")
+            _check_ffn(f"{stack_name}.{index}", block, config.up_modules, config.down_module)
             names += [f"{stack_name}.{index}.{rel}" for rel in [*config.up_modules, config.down_module]]
         return shallow_with(config, target_modules=names)
 
@@ -95,6 +98,25 @@ class LearnerModel(SparseTunerModel):
 
     def _begin_calibration(self, adapter_names: list[str]) -> CalibrationSession:
         return _PrimingSession(self, adapter_names)
+
+
+def _check_ffn(where: str, block: nn.Module, up_modules: list[str], down_module: str) -> None:
+    """``up_modules`` and ``down_module`` must form an FFN: linear layers ``hidden -> nodes`` and ``nodes -> hidden``
+    (a Learner node is a row of every up projection and a column of the down projection)."""
+    modules = {rel: block.get_submodule(rel) for rel in [*up_modules, down_module]}
+    modules = {rel: m.get_base_layer() if isinstance(m, BaseTunerLayer) else m for rel, m in modules.items()}
+    not_linear = [f"{rel} ({type(m).__name__})" for rel, m in modules.items() if not is_linear(m)]
+    if not_linear:
+        raise ValueError(f"Learners wrap linear FFN projections; in {where}, {not_linear} are not linear layers")
+    down_out, nodes = linear_shape(modules[down_module])
+    shapes = {rel: linear_shape(modules[rel]) for rel in up_modules}
+    wrong = {rel: shape for rel, shape in shapes.items() if shape != (nodes, down_out)}
+    if wrong:
+        raise ValueError(
+            f"up_modules/down_module of {where} do not form an FFN: down_module {down_module!r} maps {nodes} nodes to "
+            f"{down_out} features, so each up module must map {down_out} features to {nodes} nodes (out, in = "
+            f"{(nodes, down_out)}), but {', '.join(f'{r!r} is {s}' for r, s in wrong.items())}"
+        )
 
 
 def _weight(layer: LearnerLayer) -> torch.Tensor:

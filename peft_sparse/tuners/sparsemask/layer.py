@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -11,22 +12,24 @@ from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
 from peft_sparse import sparse, storage
-from peft_sparse.modules import dense_weight, is_linear, linear_shape
+from peft_sparse.modules import dense_weight, is_linear
 from peft_sparse.tuners.base import SparseTunerLayer
 
+from . import selection
 from .config import SparseMaskConfig
 
 
-def support_budget(fraction: float, shape: tuple[int, int], block_size: int) -> int:
-    """Entries (or blocks) a layer gets for ``fraction``: at least one, at most all."""
-    total = math.ceil(shape[0] / block_size) * math.ceil(shape[1] / block_size)
-    return min(total, max(1, round(fraction * total)))
+@dataclass
+class AdapterSettings:
+    """One adapter's SparseMask settings on one layer (kept in ``SparseMaskLayer.sparsemask_settings``)."""
 
-
-def trained_fraction(fraction: float, shape: tuple[int, int], block_size: int) -> float:
-    """The fraction of the weight that ``support_budget`` blocks cover at most (edge blocks are smaller)."""
-    covered = support_budget(fraction, shape, block_size) * min(block_size, shape[0]) * min(block_size, shape[1])
-    return min(1.0, covered / (shape[0] * shape[1]))
+    mode: str  # "delta" or "mask"
+    density: float = 0.0  # delta mode: the fraction trained
+    block_size: int = 1  # delta mode
+    pending: bool = False  # delta mode: the support waits for calibrate()
+    num_pruned: int = 0  # mask mode: entries the mask zeroes
+    score_dtype: Optional[torch.dtype] = None  # mask mode: the stored scores' dtype (see SparseMaskLayer._apply)
+    trainable: bool = True  # built to train (not inference_mode): a loaded mask keeps its candidates
 
 
 class SparseMaskLayer(SparseTunerLayer):
@@ -34,13 +37,14 @@ class SparseMaskLayer(SparseTunerLayer):
 
     ``sparsemask_delta[adapter]`` holds the support and its trainable values: the increment itself in delta
     mode, the keep-scores of the candidate entries in mask mode (whose increment is ``−W`` on the pruned
-    candidates, see ``sparse.mask_delta_values``). The layer owns its state: its checkpoint entries
-    (``write_checkpoint`` / ``read_checkpoint``) and its gradient measurement for ``selection="gradient"``
-    (``start_fisher`` / ``finish_fisher``).
+    candidates, see ``selection.mask_delta_values``). ``sparsemask_settings[adapter]`` holds the rest of an
+    adapter's state; every per-adapter entry is registered with PEFT, so ``delete_adapter`` frees it. The layer owns
+    its checkpoint entries (``write_checkpoint`` / ``read_checkpoint``) and its gradient measurement for
+    ``selection="gradient"`` (``start_fisher`` / ``finish_fisher``).
     """
 
     adapter_layer_names = ("sparsemask_delta",)
-    other_param_names = ("sparsemask_base_values",)
+    other_param_names = ("sparsemask_base_values", "sparsemask_settings")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: SparseMaskConfig, **kwargs: Any) -> None:
         super().__init__()
@@ -49,20 +53,20 @@ class SparseMaskLayer(SparseTunerLayer):
         self._init_tuner_layer(base_layer, adapter_name)
         self.sparsemask_delta = nn.ModuleDict({})
         self.sparsemask_base_values = BufferDict({}, persistent=False)  # mask mode: W at the candidates
-        self.modes: dict[str, str] = {}
-        self.num_pruned: dict[str, int] = {}
-        self.budgets: dict[str, tuple[float, int]] = {}  # delta mode: (density, block size)
-        self.pending: set[str] = set()  # adapters whose support waits for calibration
-        self.score_dtypes: dict[str, torch.dtype] = {}  # mask mode: the stored scores' dtype (see _apply)
+        self.sparsemask_settings: dict[str, AdapterSettings] = {}
         self.fisher: Optional[torch.Tensor] = None  # Σ (∂L/∂W)², accumulated while calibrating
         self._probe_anchor: Optional[torch.Tensor] = None
-        self.out_features, self.in_features = linear_shape(base_layer)
         self.update_layer(adapter_name, config, **kwargs)
 
     # ---------------------------------------------------------------------------------------- creation
     @property
     def shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)
+
+    def is_pending(self, adapter_name: str) -> bool:
+        """Whether ``adapter_name``'s support still waits for ``calibrate``."""
+        settings = self.sparsemask_settings.get(adapter_name)
+        return settings is not None and settings.pending
 
     def base_weight(self) -> torch.Tensor:
         """The base weight as a dense ``(out, in)`` tensor (dequantized for quantized layers)."""
@@ -72,22 +76,22 @@ class SparseMaskLayer(SparseTunerLayer):
 
     def update_layer(self, adapter_name: str, config: SparseMaskConfig, current_key: str = "", **kwargs) -> None:
         device = self.get_base_layer().weight.device
-        self.modes[adapter_name] = config.mode
         with torch.no_grad():
             weight = self.base_weight()
             if config.mode == "delta":
-                self.budgets[adapter_name] = (config.density, config.block_size)
-                count = support_budget(config.density, self.shape, config.block_size)
+                settings = AdapterSettings("delta", density=config.density, block_size=config.block_size)
+                count = selection.support_budget(config.density, self.shape, config.block_size)
                 if config.selection == "magnitude":
-                    support = sparse.top_support(weight.abs(), count, config.block_size)
+                    support = selection.top_support(weight.abs(), count, config.block_size)
                 elif config.selection == "random":
                     # Each layer draws its own support (PEFT's SHiRA reuses one mask for every same-shaped layer).
                     seed = (config.seed * 1_000_003 + zlib.crc32(current_key.encode())) % 2**63
                     generator = torch.Generator().manual_seed(seed)
-                    support = sparse.random_support(self.shape, count, generator, config.block_size)
+                    support = selection.random_support(self.shape, count, generator, config.block_size)
                 else:
                     support = torch.zeros(0, dtype=torch.int64)
-                    self.pending.add(adapter_name)
+                    settings.pending = True
+                self.sparsemask_settings[adapter_name] = settings
                 self.sparsemask_delta[adapter_name] = sparse.SparseDelta(
                     self.shape, support, self.adapter_dtype(), device=device, block_size=config.block_size
                 )
@@ -98,86 +102,97 @@ class SparseMaskLayer(SparseTunerLayer):
                     count = numel
                 else:
                     count = min(numel, math.ceil(num_pruned * config.mask_candidates))
-                candidates = sparse.top_support(-weight.abs(), count)  # the lowest-magnitude entries
+                candidates = selection.top_support(-weight.abs(), count)  # the lowest-magnitude entries
                 self.install_mask(adapter_name, candidates, num_pruned, weight=weight)
+                self.sparsemask_settings[adapter_name].trainable = not config.inference_mode
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def install_mask(
-        self, adapter_name: str, candidates: torch.Tensor, num_pruned: int, weight: Optional[torch.Tensor] = None
+        self,
+        adapter_name: str,
+        candidates: torch.Tensor,
+        num_pruned: int,
+        weight: Optional[torch.Tensor] = None,
+        pruned: Optional[torch.Tensor] = None,
     ) -> None:
-        """Score ``candidates`` (initial scores ∝ |W|, so the lowest-magnitude ones are pruned first)."""
+        """Score ``candidates`` (initial scores ∝ |W|, so the lowest-magnitude ones are pruned first). With
+        ``pruned`` (a saved mask, ``num_pruned`` entries among the candidates) those entries score below every other
+        candidate instead, each group keeping its |W| order, so the mask starts as saved."""
         weight = self.base_weight() if weight is None else weight
         device = self.get_base_layer().weight.device
         base_values = weight.detach().reshape(-1)[candidates.to(weight.device)].float()
         scores = base_values.abs() / base_values.abs().mean().clamp_min(1e-12)
+        if pruned is not None:
+            is_pruned = torch.isin(candidates.to(scores.device), pruned.to(scores.device))
+            if bool((~is_pruned).any()):
+                gap = scores[is_pruned].max() - scores[~is_pruned].min()
+                scores[is_pruned] -= gap.clamp_min(0) + 1e-3
         requires_grad = adapter_name in self.active_adapters and not self.disable_adapters
         delta = sparse.SparseDelta(self.shape, candidates, torch.float32, device=device)
         delta.values.requires_grad_(requires_grad)
         delta.set_support(candidates, values=scores)
         self.sparsemask_delta[adapter_name] = delta
-        self.score_dtypes[adapter_name] = delta.values.dtype
+        self.sparsemask_settings[adapter_name] = AdapterSettings(
+            "mask", num_pruned=num_pruned, score_dtype=delta.values.dtype
+        )
         self.sparsemask_base_values[adapter_name] = base_values.to(device)
-        self.num_pruned[adapter_name] = num_pruned
 
     def _apply(self, fn, recurse: bool = True):
         # model.to(dtype) / .half() change the stored scores' dtype for good (training and saving both see it);
         # only a cast that happens in the forward alone (FSDP mixed precision) is refused in delta_values.
         result = super()._apply(fn, recurse)
-        for adapter in self.score_dtypes:
-            if adapter in self.sparsemask_delta:
-                self.score_dtypes[adapter] = self.sparsemask_delta[adapter].values.dtype
+        for adapter, settings in self.sparsemask_settings.items():
+            if settings.mode == "mask" and adapter in self.sparsemask_delta:
+                settings.score_dtype = self.sparsemask_delta[adapter].values.dtype
         return result
 
     # ----------------------------------------------------------------------------------------- compute
     def delta_values(self, adapter_name: str) -> torch.Tensor:
         """The increment's values on the adapter's support (derived from the scores in mask mode)."""
         delta = self.sparsemask_delta[adapter_name]
-        if self.modes[adapter_name] == "delta":
+        settings = self.sparsemask_settings[adapter_name]
+        if settings.mode == "delta":
             return delta.values
-        if delta.values.dtype != self.score_dtypes.get(adapter_name, delta.values.dtype):
+        if settings.score_dtype is not None and delta.values.dtype != settings.score_dtype:
             raise ValueError(
-                f"mode='mask' scores of {self.shape} cast from {self.score_dtypes[adapter_name]} to "
+                f"mode='mask' scores of {self.shape} cast from {settings.score_dtype} to "
                 f"{delta.values.dtype} in the forward (FSDP's MixedPrecisionPolicy(param_dtype={delta.values.dtype}) "
                 "does this): the hard top-k of the cast scores picks another mask than the one training and "
                 "save_pretrained read from the stored scores. Use param_dtype=None (or float32) for the FSDP "
                 "units that hold mask-mode layers."
             )
-        return sparse.mask_delta_values(
-            delta.values, self.sparsemask_base_values[adapter_name], self.num_pruned[adapter_name]
+        return selection.mask_delta_values(
+            delta.values, self.sparsemask_base_values[adapter_name], settings.num_pruned
         )
 
     def pruned_indices(self, adapter_name: str) -> torch.Tensor:
         """Mask mode: flat indices of the entries the mask zeroes."""
         delta = self.sparsemask_delta[adapter_name]
-        keep = sparse.hard_keep_mask(delta.values, self.num_pruned[adapter_name])
+        keep = selection.hard_keep_mask(delta.values, self.sparsemask_settings[adapter_name].num_pruned)
         return delta.indices[keep == 0]
 
+    def ready_adapters(self) -> list[str]:
+        return [a for a in self.active_adapters if a in self.sparsemask_delta and not self.is_pending(a)]
+
     def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self._adapted(x, *args, **kwargs)
+        active = self.ready_adapters()
+        if not active or self.base_runs_own_forward():
+            result = self.base_plus_increments(x, active, *args, **kwargs)
+        else:  # W + ΔW of the first adapter folded into one product, the others' increments added
+            base = self.get_base_layer()
+            first, *others = active
+            delta = self.sparsemask_delta[first]
+            result = sparse.sparse_delta_linear(x, self.delta_values(first), delta, dense_weight(base), base.bias)
+            for adapter in others:
+                result = self.add_increment(result, adapter, x)
         if self.fisher is not None:  # calibrating: measure the weight gradient in the backward
             result = _FisherProbe.apply(result, x, self._probe_anchor, self)
         return result
 
-    def _adapted(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        active = [a for a in self.active_adapters if a in self.sparsemask_delta and a not in self.pending]
-        if not active:
-            return self.base_layer(x, *args, **kwargs)
-        if self.base_runs_own_forward():
-            result = self.base_layer(x, *args, **kwargs)
-            for adapter in active:
-                delta = self.sparsemask_delta[adapter]
-                update = sparse.sparse_delta_linear(x.to(delta.values.dtype), self.delta_values(adapter), delta)
-                result = result + update.to(result.dtype)
-            return result
-        base = self.get_base_layer()
-        first, *others = active
-        delta = self.sparsemask_delta[first]
-        result = sparse.sparse_delta_linear(x, self.delta_values(first), delta, dense_weight(base), base.bias)
-        for adapter in others:
-            delta = self.sparsemask_delta[adapter]
-            update = sparse.sparse_delta_linear(x.to(delta.values.dtype), self.delta_values(adapter), delta)
-            result = result + update.to(result.dtype)
-        return result
+    def add_increment(self, result: torch.Tensor, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        delta = self.sparsemask_delta[adapter_name]
+        update = sparse.sparse_delta_linear(x.to(delta.values.dtype), self.delta_values(adapter_name), delta)
+        return result + update.to(result.dtype)
 
     # ------------------------------------------------------------------------------------- deltas, merging
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -200,39 +215,48 @@ class SparseMaskLayer(SparseTunerLayer):
         the pruned indices, whichever is smaller, and no values."""
         prefix = f"{key}.sparsemask_delta.{adapter_name}"
         values = entries.pop(f"{prefix}.values")
-        if self.modes[adapter_name] == "mask":
+        settings = self.sparsemask_settings[adapter_name]
+        if settings.mode == "mask":
             # The mask from the collected scores (under FSDP the gathered ones: the layer's own are shards).
             delta = self.sparsemask_delta[adapter_name]
-            keep = sparse.hard_keep_mask(values.to(delta.indices.device), self.num_pruned[adapter_name])
+            keep = selection.hard_keep_mask(values.to(delta.indices.device), settings.num_pruned)
             entries.update(storage.mask_entries(prefix, delta.indices[keep == 0], self.shape))
             return
-        block_size = self.budgets[adapter_name][1]
         indices = self.sparsemask_delta[adapter_name].indices
-        if block_size > 1:
-            indices = sparse.block_ids(indices, self.shape, block_size)
+        if settings.block_size > 1:
+            indices = selection.block_ids(indices, self.shape, settings.block_size)
         entries.update(storage.sparse_entries(prefix, indices, values, self.shape, config.save_dtype))
 
     def read_checkpoint(self, adapter_name, key, state_dict) -> None:
         """Install the saved support (sizes may differ from a freshly built config); PEFT then loads the values
-        onto it. A mask is rebuilt with every saved entry pruned (scores are not saved)."""
+        onto it. A mask (saved without its scores) is rebuilt pruning exactly the saved entries: for inference its
+        candidates are those entries alone; an adapter loaded to train (``is_trainable=True``) gets the candidate
+        set its config gives, plus the saved entries, with fresh scores that reproduce the saved mask, so that
+        training can change it."""
         stored = f"{key}.sparsemask_delta"  # entries are saved without the adapter name
         saved = storage.read_entries(state_dict, stored, self.shape)
         values_key = f"{key}.sparsemask_delta.{adapter_name}.values"
-        if self.modes[adapter_name] == "mask":
+        settings = self.sparsemask_settings[adapter_name]
+        if settings.mode == "mask":
             if "pruned" not in saved:
                 raise ValueError("no mask is saved for this mask-mode adapter")
-            self.install_mask(adapter_name, saved["pruned"], num_pruned=saved["pruned"].numel())
+            pruned = saved["pruned"]
+            candidates = pruned
+            if settings.trainable:
+                created = self.sparsemask_delta[adapter_name].indices  # the config's candidates
+                candidates = torch.unique(torch.cat([created.to(pruned.device), pruned]))
+            self.install_mask(adapter_name, candidates, num_pruned=pruned.numel(), pruned=pruned)
+            self.sparsemask_settings[adapter_name].trainable = settings.trainable
             state_dict[values_key] = self.sparsemask_delta[adapter_name].values.detach().clone()
             return
         if "indices" not in saved:
             raise ValueError("no support is saved for this delta-mode adapter")
         indices = saved["indices"]
-        block_size = self.budgets[adapter_name][1]
-        if block_size > 1:
-            indices = sparse.block_support(indices, self.shape, block_size)
+        if settings.block_size > 1:
+            indices = selection.block_support(indices, self.shape, settings.block_size)
         self.sparsemask_delta[adapter_name].set_support(indices)
         if indices.numel():  # an empty support was saved before calibrate(): the adapter still waits for it
-            self.pending.discard(adapter_name)
+            settings.pending = False
 
     # ---------------------------------------------------------------------------------------- calibration
     def start_fisher(self) -> None:
@@ -244,10 +268,11 @@ class SparseMaskLayer(SparseTunerLayer):
 
     def finish_fisher(self, adapter_name: str) -> None:
         """Calibration result: the support is the entries (or blocks) with the largest Σ (∂L/∂W)²."""
-        density, block_size = self.budgets[adapter_name]
-        support = sparse.top_support(self.fisher, support_budget(density, self.shape, block_size), block_size)
+        settings = self.sparsemask_settings[adapter_name]
+        count = selection.support_budget(settings.density, self.shape, settings.block_size)
+        support = selection.top_support(self.fisher, count, settings.block_size)
         self.sparsemask_delta[adapter_name].set_support(support)
-        self.pending.discard(adapter_name)
+        settings.pending = False
 
     def stop_fisher(self) -> None:
         self.fisher = None

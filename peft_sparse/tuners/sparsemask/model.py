@@ -9,9 +9,11 @@ from peft.config import PeftConfig
 from torch import nn
 
 from peft_sparse.modules import linear_shape
-from peft_sparse.tuners.base import CalibrationSession, SparseTunerModel
+from peft_sparse.calibration import CalibrationSession
+from peft_sparse.tuners.base import SparseTunerModel
 
-from .layer import SparseMaskLayer, trained_fraction
+from .layer import SparseMaskLayer
+from .selection import trained_fraction
 
 
 class SparseMaskModel(SparseTunerModel):
@@ -46,7 +48,7 @@ class SparseMaskModel(SparseTunerModel):
                 )
 
     def needs_calibration(self, adapter_name: str) -> bool:
-        return any(adapter_name in layer.pending for _, layer in self.tuner_layers())
+        return any(layer.is_pending(adapter_name) for _, layer in self.tuner_layers())
 
     def _begin_calibration(self, adapter_names: list[str]) -> CalibrationSession:
         return _FisherSession(self, adapter_names)
@@ -57,7 +59,7 @@ class _FisherSession(CalibrationSession):
 
     def __init__(self, tuner: SparseMaskModel, adapter_names: list[str]) -> None:
         self.adapter_names = adapter_names
-        self.layers = [layer for _, layer in tuner.tuner_layers() if layer.pending & set(adapter_names)]
+        self.layers = [layer for _, layer in tuner.tuner_layers() if any(layer.is_pending(a) for a in adapter_names)]
         for layer in self.layers:
             layer.start_fisher()
 
@@ -67,7 +69,7 @@ class _FisherSession(CalibrationSession):
     def finish(self) -> None:
         for layer in self.layers:
             for adapter in self.adapter_names:
-                if adapter in layer.pending:
+                if layer.is_pending(adapter):
                     layer.finish_fisher(adapter)
 
     def close(self) -> None:
