@@ -43,7 +43,7 @@ from peft.utils.integrations import _skip_init_on_device
 from peft.utils.quantization_utils import resolve_quantization_backend
 from torch import nn
 
-from peft_sparse import distributed
+from peft_sparse import distributed, quantized
 from peft_sparse.calibration import CalibrationRequiredError, CalibrationSession
 from peft_sparse.modules import (
     block_index,
@@ -55,6 +55,7 @@ from peft_sparse.modules import (
     is_under,
     linear_shape,
 )
+from peft_sparse.kernels.function import WeightSource
 from peft_sparse.tuners import loading
 
 
@@ -117,8 +118,8 @@ class SparseTunerLayer(nn.Module, BaseTunerLayer):
 
     def base_layer_can_be_fsdp_unit(self) -> bool:
         """Whether FSDP may shard ``base_layer`` as a unit of its own. FSDP gathers a unit's parameters only around
-        the unit's own forward; every layer that reaches a hooked base layer through its forward
-        (``base_runs_own_forward``) allows it, a layer that reads the base parameters itself does not."""
+        the unit's own forward; every layer that runs a hooked base layer's own forward (``fold_source`` is None for
+        it) allows it, a layer that reads the base parameters itself does not."""
         return True
 
     @property
@@ -138,12 +139,27 @@ class SparseTunerLayer(nn.Module, BaseTunerLayer):
             return weight.dtype
         return torch.float32
 
-    def base_runs_own_forward(self) -> bool:
-        """Whether the base layer must run its own forward: quantized, or hooked (Accelerate offloading,
-        user hooks), so that a weight increment is added as ``base(x) + x @ ΔWᵀ`` instead of folded in."""
+    def fold_source(self, x: torch.Tensor) -> WeightSource:
+        """Where a weight increment can be folded into the base layer's own product for input ``x``: its float weight
+        as ``(out, in)`` (folded in place), a callable that dequantizes a quantized weight into a fresh buffer
+        (``peft_sparse.quantized``), or None when the base layer must run its own forward and the increment goes
+        beside it: hooked bases (Accelerate offloading, FSDP units, user hooks), 8-bit inference, CUDA 4-bit inference
+        on few tokens."""
         base = self.get_base_layer()
-        hooked = bool(base._forward_hooks or base._forward_pre_hooks) or hasattr(base, "_hf_hook")
-        return self.is_quantized or hooked
+        if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
+            return None
+        if self.is_quantized:
+            return quantized.fresh_weight(base, x)
+        return dense_weight(base)
+
+    def fold_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``x`` and the base bias in the dtype the base layer computes in (a quantized layer's compute dtype)."""
+        base = self.get_base_layer()
+        bias = base.bias
+        if not self.is_quantized:
+            return x, bias
+        dtype = quantized.compute_dtype(base, x)
+        return x.to(dtype), None if bias is None else bias.to(dtype)
 
     def has_adapter(self, adapter_name: str) -> bool:
         return adapter_name in getattr(self, self.adapter_layer_names[0])

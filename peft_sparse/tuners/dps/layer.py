@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_sparse import distributed, sparse, storage
+from peft_sparse import distributed, quantized, sparse, storage
 from peft_sparse.modules import dense_weight, is_linear
 from peft_sparse.tuners.base import SparseTunerLayer
 
@@ -106,18 +106,20 @@ class DPSLayer(SparseTunerLayer):
 
     def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         active = self.ready_adapters()
-        if not active or self.base_runs_own_forward():
+        source = self.fold_source(x) if active else None
+        if source is None:
             return self.base_plus_increments(x, active, *args, **kwargs)
         delta = self._effective_delta(active[0])
         for adapter in active[1:]:
             delta = delta + self._effective_delta(adapter)
-        base = self.get_base_layer()
-        weight = dense_weight(base)
-        bias = base.bias
+        inputs, bias = self.fold_inputs(x)
         for adapter in active:
             if adapter in self.dps_bias:
-                bias = self.dps_bias[adapter].to(weight.dtype) if bias is None else bias + self.dps_bias[adapter].to(bias.dtype)
-        return F.linear(x, weight + delta.to(weight.dtype), bias)
+                extra = self.dps_bias[adapter].to(inputs.dtype)
+                bias = extra if bias is None else bias + extra
+        if callable(source):  # a quantized base: ΔW added into its dequantized weight
+            return quantized.dense_delta_linear(inputs, delta, source, bias).to(x.dtype)
+        return F.linear(x, source + delta.to(source.dtype), bias)
 
     def add_increment(self, result: torch.Tensor, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         delta = self._effective_delta(adapter_name)

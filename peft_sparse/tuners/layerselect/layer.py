@@ -11,6 +11,7 @@ from torch.func import functional_call
 
 from transformers.pytorch_utils import Conv1D
 
+from peft_sparse import quantized
 from peft_sparse.modules import has_own_parameters, is_linear
 from peft_sparse.tuners.base import SparseTunerLayer
 
@@ -64,9 +65,18 @@ class LayerSelectLayer(SparseTunerLayer):
 
     def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         active = self.ready_adapters()
-        if not active or self.is_quantized:
+        if not active:
+            return self.base_layer(x, *args, **kwargs)
+        if not self.is_quantized:
+            return self._forward_with(self._summed_deltas(active), x, *args, **kwargs)
+        source = self.fold_source(x)
+        if source is None:
             return self.base_plus_increments(x, active, *args, **kwargs)
-        return self._forward_with(self._summed_deltas(active), x, *args, **kwargs)
+        deltas = self._summed_deltas(active)  # a quantized linear layer: ΔW added into its dequantized weight
+        inputs, bias = self.fold_inputs(x)
+        if "bias" in deltas:
+            bias = deltas["bias"].to(inputs.dtype) if bias is None else bias + deltas["bias"].to(inputs.dtype)
+        return quantized.dense_delta_linear(inputs, deltas["weight"], source, bias).to(x.dtype)
 
     def _forward_with(self, deltas: dict[str, torch.Tensor], x: torch.Tensor, *args: Any, **kwargs: Any):
         """The base module run once with ``p + Δp`` for its parameters (``torch.func.functional_call``)."""

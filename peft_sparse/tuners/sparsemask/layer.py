@@ -176,13 +176,14 @@ class SparseMaskLayer(SparseTunerLayer):
 
     def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         active = self.ready_adapters()
-        if not active or self.base_runs_own_forward():
+        source = self.fold_source(x) if active else None
+        if source is None:
             result = self.base_plus_increments(x, active, *args, **kwargs)
-        else:  # W + ΔW of the first adapter folded into one product, the others' increments added
-            base = self.get_base_layer()
+        else:  # the first adapter's ΔW folded into the base product, the others' increments added
             first, *others = active
+            inputs, bias = self.fold_inputs(x)
             delta = self.sparsemask_delta[first]
-            result = sparse.sparse_delta_linear(x, self.delta_values(first), delta, dense_weight(base), base.bias)
+            result = sparse.sparse_delta_linear(inputs, self.delta_values(first), delta, source, bias).to(x.dtype)
             for adapter in others:
                 result = self.add_increment(result, adapter, x)
         if self.fisher is not None:  # calibrating: measure the weight gradient in the backward
