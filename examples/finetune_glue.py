@@ -4,7 +4,7 @@
 In the shape of transformers' run_glue.py: model, data and method arguments beside every TrainingArguments flag
 (--bf16, --gradient_accumulation_steps, --eval_strategy epoch...; --help lists them all, and --max-train-samples
 is --max_train_samples). examples/methods.py builds the method. The script always trains, saves and evaluates on
-the dev set (--do_train / --do_eval are not read), then prints what the method cost (benchmarks/measure.py):
+the dev set (--do_train / --do_eval are not read), then prints what the method cost (peft_sparse.reporting):
 trainable entries, peak memory, median step time and the bytes of the saved adapter, which goes to --output_dir
 with the tokenizer and report.json.
 
@@ -37,11 +37,10 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Dat
                           Trainer, TrainingArguments, set_seed)
 
 import peft_sparse  # registers the peft_sparse tuners with PEFT (import it before loading their adapters, too)
+from peft_sparse.reporting import CostCallback, format_report  # what the method cost
 from glue_data import TASKS, compute_task_metrics
 from methods import DEFAULT_LR, METHODS, apply_method
 
-sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))  # measure.py: what the method cost
-from measure import CostCallback, format_report  # noqa: E402
 
 #: This script's defaults where they differ from TrainingArguments' (the settings of benchmarks/RESULTS.md); any
 #: of them can be given on the command line. ``output_dir`` may name ``{task_name}`` and ``{method}``.

@@ -1,10 +1,10 @@
-"""examples/finetune_glue.py, benchmarks/measure.py and the benchmarks' method tables: what users rely on.
+"""examples/finetune_glue.py and the benchmarks' method tables: what users rely on.
 
 Flags (the example's and TrainingArguments'), the datasets TSV loader against examples/glue_data.py's reader (on
 every task's real files when ../shared/data/glue is there, and on a tiny folder with the quirks), the printed
-report, one tiny end-to-end run per method family with its adapter reloaded, and the cost callback. Offline: a
-tiny random BERT with a word-level vocabulary, plus a few real SST-2 rows through the real all-MiniLM-L6-v2 for
-the README's command.
+report, and one tiny end-to-end run per method family with its adapter reloaded (the cost callback itself:
+test_reporting.py). Offline: a tiny random BERT with a word-level vocabulary, plus a few real SST-2 rows through the
+real all-MiniLM-L6-v2 for the README's command.
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ def _load(name: str, path: Path):
     return module
 
 
-sys.path.append(str(ROOT / "examples"))
+# the scripts' sibling modules, as running them puts their folders on sys.path (evidence.py: evidence_run...)
+sys.path += [str(ROOT / "examples"), str(ROOT / "benchmarks")]
 import glue_data  # noqa: E402
 import methods  # noqa: E402
 
-measure = _load("measure", ROOT / "benchmarks" / "measure.py")
 fg = _load("finetune_glue", ROOT / "examples" / "finetune_glue.py")
 glue_bench = _load("glue_bench", ROOT / "benchmarks" / "glue.py")
 step_time = _load("step_time", ROOT / "benchmarks" / "step_time.py")
@@ -322,42 +322,6 @@ def test_readme_command_on_minilm(tmp_path, cache_dir, capsys, monkeypatch):
     assert report["model"] == fg.default_model() and report["num_steps"] == 2 and report["num_eval"] == 16
     # 1% of the BERT_TARGETS linears (the pooler included) plus the 2-label head
     assert 100_000 < report["trainable_params"] < 110_000 and report["adapter_bytes"] < 800_000
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# The cost callback (benchmarks/measure.py)
-# ------------------------------------------------------------------------------------------------------------------
-
-
-def test_cost_callback_measures_optimizer_steps(tmp_path, tiny_model_dir):
-    from peft import get_peft_model
-    from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
-
-    import peft_sparse
-
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=2)
-    model = get_peft_model(model, peft_sparse.BitFitConfig(task_type="SEQ_CLS"))
-    rows = [{"input_ids": [2, 7 + i % 5, 3], "attention_mask": [1, 1, 1], "labels": i % 2} for i in range(16)]
-    cost = measure.CostCallback(warmup_steps=1)
-    with pytest.raises(RuntimeError, match="training has not started"):
-        cost.results()
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                             max_steps=4, report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True)
-    Trainer(model=model, args=args, train_dataset=rows, callbacks=[cost]).train()
-    assert len(cost.step_times) == 4  # optimizer steps, not the 8 micro-batches
-    assert all(t > 0 for t in cost.step_times) and cost.train_wall_s >= sum(cost.step_times)
-    assert cost.median_step_s() == pytest.approx(float(np.median(cost.step_times[1:])))
-    assert cost.trainable == methods.trainable_entries(model) and cost.total == sum(p.numel() for p in
-                                                                                    model.parameters())
-    with pytest.raises(FileNotFoundError, match="no saved weights"):
-        cost.measure_saved(tmp_path)
-    model.save_pretrained(str(tmp_path))
-    (tmp_path / "training_args.bin").write_bytes(b"not a weight")
-    assert cost.measure_saved(tmp_path) == (tmp_path / "adapter_model.safetensors").stat().st_size
-    results = cost.results()
-    assert results["peak_memory_kind"] == "cpu_peak_rss" and results["peak_memory_mib"] == results["peak_rss_mib"] > 0
-    assert results["num_steps"] == 4 and results["adapter_bytes"] == cost.adapter_bytes
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -3,24 +3,23 @@
 ``CostCallback`` records, for one ``trainer.train()``: the trainable and total entries of the model as it trains,
 the wall time of every optimizer step (CUDA synchronised; the median leaves out the first 3 steps), the training
 wall and CPU time, and the peak memory (CUDA: ``max_memory_allocated`` since training began; CPU: the peak
-resident set size of the process). ``measure_saved(folder)``, after ``trainer.save_model(folder)``, adds the bytes
-of the saved weights (the adapter, or the whole model for full fine-tuning).
+resident set size of the process).
+``measure_saved(folder)``, after ``trainer.save_model(folder)``, adds the bytes of the saved weights (the adapter,
+or the whole model for full fine-tuning). ``format_report`` prints a run's summary.
 
-examples/finetune_glue.py prints its report with ``format_report``; benchmarks/glue.py runs that example once per
-process (so each peak RSS is the run's own) and tabulates the reports; benchmarks/step_time.py, a plain loop that
-steps several models in turn, uses ``peak_rss_mib``.
+The examples (``examples/finetune_glue.py``, ``examples/finetune_causal_lm.py``) print their reports with it, and
+the benchmarks read ``peak_rss_mib``. Only torch and transformers are needed (plotting stays in the benchmarks).
 """
 
 from __future__ import annotations
 
 import platform
-import resource
+import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 from transformers import TrainerCallback
 
@@ -30,6 +29,8 @@ WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin", "model*.safete
 
 def peak_rss_mib() -> float:
     """Peak resident set size of this process so far, in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    import resource  # POSIX only: imported where it is used, so that the module itself imports everywhere
+
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
@@ -95,7 +96,7 @@ class CostCallback(TrainerCallback):
     def median_step_s(self) -> Optional[float]:
         """Median step time, leaving out the first ``warmup_steps`` steps when there are more steps than that."""
         times = self.step_times[self.warmup_steps :] if len(self.step_times) > self.warmup_steps else self.step_times
-        return float(np.median(times)) if times else None
+        return float(statistics.median(times)) if times else None
 
     def results(self) -> dict[str, Any]:
         """The measurements so far; peak memory is read now (call it after evaluation to include it)."""
@@ -123,15 +124,17 @@ class CostCallback(TrainerCallback):
         }
 
 
-def format_report(r: dict[str, Any]) -> str:
-    """The run's summary as examples/finetune_glue.py prints it."""
+def format_report(r: dict[str, Any], title: str = "GLUE") -> str:
+    """A run's summary, as the examples print it: ``r`` is ``CostCallback.results()`` plus the run's ``task``,
+    ``method``, ``seed``, ``model``, ``metric``, ``score``, ``metrics`` and ``adapter_path`` (and optionally
+    ``calibration_s`` and ``adapter_config``). ``title`` names the kind of run (``"GLUE"``, ``"SFT"``)."""
     step = f"{r['median_step_s'] * 1000:.1f} ms" if r["median_step_s"] is not None else "n/a"
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in r["metrics"].items())
     layers = (r.get("adapter_config") or {}).get("layers")
     calibration = f", + {r['calibration_s']:.1f} s calibration" if r.get("calibration_s") else ""
     lines = [
         "=" * 72,
-        f"GLUE {r['task']} / {r['method']}   (seed {r['seed']}, model {r['model']})",
+        f"{title} {r['task']} / {r['method']}   (seed {r['seed']}, model {r['model']})",
         f"  score ({r['metric']}):  {r['score']:.4f}    [{metrics}]",
         f"  trainable params:     {r['trainable_params']:,} of {r['total_params']:,} ({r['trainable_percent']:.3f}%)",
         *([f"  selected layers:      {layers}"] if r["method"] == "layerselect" and layers is not None else []),
@@ -143,3 +146,6 @@ def format_report(r: dict[str, Any]) -> str:
         "=" * 72,
     ]
     return "\n".join(lines)
+
+
+__all__ = ["CostCallback", "WEIGHT_FILES", "format_report", "peak_rss_mib", "saved_weight_bytes"]
