@@ -1,14 +1,15 @@
 """What a fine-tuning run costs, measured from inside the transformers ``Trainer``.
 
-``CostCallback`` records, for one ``trainer.train()``: the trainable and total entries of the model as it trains,
-the wall time of every optimizer step (CUDA synchronised; the median leaves out the first 3 steps), the training
-wall and CPU time, and the peak memory (CUDA: ``max_memory_allocated`` since training began; CPU: the peak
-resident set size of the process).
+``CostCallback`` records, for one ``trainer.train()``: the trainable and total entries of the model as it trains
+(counted as PEFT's ``print_trainable_parameters`` counts them), the wall time of every optimizer step (CUDA
+synchronised; the median leaves out the first 3 steps), the training wall and CPU time, and the peak memory (CUDA:
+``max_memory_allocated`` since training began; CPU: the peak resident set size of the process).
 ``measure_saved(folder)``, after ``trainer.save_model(folder)``, adds the bytes of the saved weights (the adapter,
 or the whole model for full fine-tuning). ``format_report`` prints a run's summary.
 
 The examples (``examples/finetune_glue.py``, ``examples/finetune_causal_lm.py``) print their reports with it, and
-the benchmarks read ``peak_rss_mib``. Only torch and transformers are needed (plotting stays in the benchmarks).
+the benchmarks read ``peak_rss_mib``. Only torch, transformers and peft are needed (plotting stays in the
+benchmarks).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from peft import PeftModel
 from transformers import TrainerCallback
 
 #: Weight files of a saved PEFT adapter or transformers model (not training_args.bin, tokenizer or config files).
@@ -41,6 +43,17 @@ def saved_weight_bytes(folder: str | Path) -> int:
     if not files:
         raise FileNotFoundError(f"no saved weights ({', '.join(WEIGHT_FILES)}) in {folder}")
     return sum(p.stat().st_size for p in files)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` entries of ``model``: a PEFT model's own ``get_nb_trainable_parameters()`` (which
+    counts a bitsandbytes 4-bit weight at its unpacked size, as ``print_trainable_parameters`` prints it), else
+    the ``numel`` of the parameters that require grad, and of all of them."""
+    if isinstance(model, PeftModel):
+        trainable, total = model.get_nb_trainable_parameters()
+        return int(trainable), int(total)
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 class CostCallback(TrainerCallback):
@@ -70,8 +83,7 @@ class CostCallback(TrainerCallback):
         self._cuda = args.device.type == "cuda"
         if self._cuda:
             torch.cuda.reset_peak_memory_stats()
-        self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        self.total = sum(p.numel() for p in model.parameters())
+        self.trainable, self.total = count_parameters(model)
         self._train_t0 = (time.perf_counter(), time.process_time())
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -148,4 +160,4 @@ def format_report(r: dict[str, Any], title: str = "GLUE") -> str:
     return "\n".join(lines)
 
 
-__all__ = ["CostCallback", "WEIGHT_FILES", "format_report", "peak_rss_mib", "saved_weight_bytes"]
+__all__ = ["CostCallback", "WEIGHT_FILES", "count_parameters", "format_report", "peak_rss_mib", "saved_weight_bytes"]

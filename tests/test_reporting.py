@@ -63,3 +63,33 @@ def test_format_report_names_the_run_and_its_costs():
     assert "(6 steps, + 1.5 s calibration)" in text and "500.0 ms" in text and "4,567 bytes" in text
     sft = reporting.format_report({**report, "method": "bitfit", "median_step_s": None}, title="SFT")
     assert sft.splitlines()[1].startswith("SFT sst2 / bitfit") and "n/a" in sft and "selected layers" not in sft
+
+
+def test_a_4bit_base_is_counted_as_peft_prints_it(tmp_path, capsys):
+    """PEFT's ``get_nb_trainable_parameters`` counts a bitsandbytes ``Params4bit`` at twice its packed ``numel`` (two
+    4-bit entries a byte); the report gives the numbers ``print_trainable_parameters`` prints."""
+    pytest.importorskip("bitsandbytes", reason="pip install -e '.[test]' installs bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from tiny_models import tiny_llama
+
+    torch.manual_seed(0)  # 4-bit layers need in_features >= 64 on bitsandbytes' CPU path
+    tiny_llama(num_layers=2, hidden_size=64, intermediate_size=128).save_pretrained(tmp_path / "base")
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quantization, device_map="cpu")
+    model = get_peft_model(base, peft_sparse.SparseMaskConfig(task_type="CAUSAL_LM", density=0.02))
+    params = list(model.parameters())
+    packed = [p.numel() for p in params if type(p).__name__ == "Params4bit"]
+    assert packed  # the base's linear layers are 4-bit
+    cost = reporting.CostCallback()
+    rows = [{"input_ids": [1 + (i + j) % 60 for j in range(8)]} for i in range(8)]
+    rows = [dict(r, labels=r["input_ids"]) for r in rows]
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=1,
+                             report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=rows, callbacks=[cost]).train()
+    assert cost.total == sum(p.numel() for p in params) + sum(packed)
+    assert cost.trainable == sum(p.numel() for p in params if p.requires_grad) > 0  # trained values are float
+    capsys.readouterr()
+    model.print_trainable_parameters()
+    assert f"trainable params: {cost.trainable:,d} || all params: {cost.total:,d} ||" in capsys.readouterr().out
+    assert reporting.count_parameters(model) == model.get_nb_trainable_parameters()
