@@ -133,7 +133,9 @@ TRAINING_DEFAULTS = dict(
 
 def parse_args(args: Optional[list[str]] = None):
     """(ModelArguments, DataArguments, CausalMethodArguments, SFTConfig or TrainingArguments) from ``args``."""
-    use_trl = HfArgumentParser(ModelArguments).parse_known_args(args=args)[0].use_trl
+    # --use_trl picks the training class first; without add_help=False this parser would answer --help itself,
+    # listing only the model flags
+    use_trl = HfArgumentParser(ModelArguments, add_help=False).parse_known_args(args=args)[0].use_trl
     training_class = SFTConfig if HAS_TRL and use_trl else TrainingArguments
     parser = HfArgumentParser((ModelArguments, DataArguments, CausalMethodArguments, training_class))
     known = {f.name for f in training_class.__dataclass_fields__.values()}

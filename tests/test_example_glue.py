@@ -13,12 +13,15 @@ import importlib.util
 import json
 import math
 import random
+import re
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from fresh_python import run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 GLUE = ROOT.parent / "shared" / "data" / "glue"  # the real GLUE TSVs, where the checkout has them beside it
@@ -177,6 +180,15 @@ def test_bad_flags_are_refused_by_name(capsys):
     with pytest.raises(SystemExit) as exit_:
         fg.parse_args(["--help"])
     assert exit_.value.code == 0 and {"--bf16", "--density", "--glue-dir"} <= set(capsys.readouterr().out.split())
+
+
+def test_help_lists_every_flag():
+    """``--help``, run as a user runs the script: the model, data and method flags and every TrainingArguments flag."""
+    result = run_python([str(ROOT / "examples" / "finetune_glue.py"), "--help"])
+    assert result.returncode == 0, result.stderr
+    flags = set(re.findall(r"--[a-z][\w-]*", result.stdout))
+    assert {"--model_name_or_path", "--task_name", "--glue_dir", "--max_train_samples", "--method", "--density",
+            "--calibration_batches", "--gradient_accumulation_steps", "--eval_strategy", "--bf16"} <= flags
 
 
 # ------------------------------------------------------------------------------------------------------------------
