@@ -117,6 +117,8 @@ def test_save_and_load_give_the_same_outputs(tuner, arch, tmp_path):
         torch.testing.assert_close(logits(loaded, batch), trained, rtol=0, atol=0)
     card = (tmp_path / "README.md").read_text()
     assert "peft_sparse" in card and "import peft_sparse" in card
+    # peft_sparse is not on PyPI: the card says to install it from its source
+    assert "pip install -e <peft_sparse checkout>" in card and "pip install peft_sparse" not in card
     assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_sparse_version"]
 
 
