@@ -1,5 +1,6 @@
 import importlib
 import importlib.machinery
+import importlib.metadata
 import sys
 from pathlib import Path
 
@@ -40,6 +41,12 @@ def test_untested_peft_version_is_refused_with_a_clear_message():
     with pytest.raises(ImportError, match=r"peft_sparse supports peft>=0.21.0,<0.22.0, but peft 0.30.1"):
         registry.check_peft_version("0.30.1")
     registry.check_peft_version("0.21.2")
+
+
+def test_installed_version_is_the_package_version():
+    """pyproject.toml takes its version from ``peft_sparse.__version__`` (``dynamic``), the one place it is written:
+    the installed metadata says what the code says (after ``pip install -e .``)."""
+    assert importlib.metadata.version("peft_sparse") == peft_sparse.__version__
 
 
 def test_saved_config_loads_through_peft(tmp_path):
