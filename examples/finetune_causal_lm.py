@@ -166,7 +166,7 @@ def load_model(model_args: ModelArguments, method: str = "lora", gradient_checkp
     # fp32 norms and embeddings, input gradients, and checkpointing if asked (peft.prepare_model_for_kbit_training)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     for module in model.modules():  # bitsandbytes would repack CPU 4-bit weights at the first eval-mode forward,
-        if hasattr(module, "support_avx512bf16_for_cpu"):  # after which they no longer dequantize (README)
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # after which they no longer dequantize (docs/quantized.md)
             module.support_avx512bf16_for_cpu = False
     return model, tokenizer
 
