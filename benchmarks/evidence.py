@@ -474,7 +474,7 @@ def comparisons(by: dict[tuple, dict[int, dict]], claim: dict) -> list[dict[str,
 
 
 def summary(rows: list[dict], epochs: int | None = None) -> str:
-    """One line per judged comparison of every claim (the README's table): both scores with their 95% intervals
+    """One line per judged comparison of every claim (docs/evidence.md's table): both scores with their 95% intervals
     over the paired seeds, the paired difference and the verdict."""
     lines = ["| claim | task | data | ours | score [95% CI] | baseline | score [95% CI] | seeds | ours − baseline "
              "[95% CI] | verdict |", "|---|---|---:|---|---:|---|---:|---:|---:|---|"]

@@ -2,7 +2,7 @@
 """GLUE side-by-side benchmark: methods x tasks x seeds, each run a subprocess of examples/finetune_glue.py.
 
 Every run is its own process (so its peak RSS is its own), the runs go one after another, all with the same
-thread count. The example builds each method with examples/methods.py and measures it with benchmarks/measure.py;
+thread count. The example builds each method with examples/methods.py and measures it with peft_sparse.reporting;
 the harness collects the runs' JSON reports and writes, under ``--out-dir``:
 
 - ``glue.json``: every raw report plus the benchmark's settings;

@@ -50,12 +50,12 @@ from transformers import AutoTokenizer  # noqa: E402
 
 import finetune_causal_lm as example  # noqa: E402
 import step_time  # noqa: E402
-from measure import peak_rss_mib  # noqa: E402
 from methods import apply_method, trainable_entries as trainable  # noqa: E402
 
 interleaved_times, json_of_fresh_process, step = step_time.interleaved_times, step_time.json_of_fresh_process, step_time.step
 
 import peft_sparse  # noqa: E402
+from peft_sparse.reporting import peak_rss_mib  # noqa: E402
 
 #: name -> (method of examples/methods.py, its options). "floor" is the frozen backbone; full FT runs on fp32 only.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {

