@@ -18,13 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_root_kernels_folder_is_not_a_package():
     assert not (ROOT / "kernels" / "__init__.py").exists()
     assert (ROOT / "kernels" / "sparse_delta" / "__init__.py").exists()
-
-
-def test_transformers_and_peft_sparse_import_from_the_repository_root():
-    code = "import transformers, peft_sparse, peft_sparse.kernels as k; print(k.__file__)"
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert Path(done.stdout.strip().splitlines()[-1]).parent.name == "sparse_delta"
+    # test_registry.py starts a Python in the repository root that imports transformers and peft_sparse.
 
 
 @pytest.mark.slow

@@ -71,7 +71,7 @@ def use_backend(name: str) -> Iterator[None]:
 
 @functools.lru_cache(maxsize=None)
 def is_triton_available() -> bool:
-    """True when the ``triton`` package can be imported (an optional extra: ``peft_sparse[triton]``); cached,
+    """True when the ``triton`` package can be imported (an optional extra: ``pip install triton``, or the ``[triton]`` extra of an install from source); cached,
     since the answer cannot change within a process."""
     if importlib.util.find_spec("triton") is None:
         return False
@@ -87,7 +87,7 @@ def _triton_import_error() -> Optional[BaseException]:
 def triton_unavailable_reason(tensor: torch.Tensor) -> Optional[str]:
     """Why the Triton kernels cannot run on ``tensor`` (None when they can)."""
     if importlib.util.find_spec("triton") is None:
-        return "triton is not installed (pip install 'peft_sparse[triton]')"
+        return "triton is not installed (pip install triton)"
     error = _triton_import_error()
     if error is not None:
         return f"triton failed to import ({error!r})"

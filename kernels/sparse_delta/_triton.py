@@ -11,7 +11,7 @@ import functools
 import os
 from typing import Optional
 
-try:  # an optional extra: ``pip install 'peft_sparse[triton]'``
+try:  # an optional extra: ``pip install triton`` (the ``[triton]`` extra of an install from source)
     import triton
     import triton.language as tl
 
