@@ -2,32 +2,37 @@
 """The CPU hot path of a sparse increment: the ways to compute one linear layer's forward and backward, timed.
 
 For each projection shape of one SmolLM2 block (q, k, v, o, gate, up, down), at the density that trains LoRA r=8's
-entry count (``r * (in + out)`` entries) and at 1 %, unstructured and in 32 x 32 blocks, with ``--tokens`` tokens:
+entry count (``r * (in + out)`` entries) and at 1 %, unstructured and in 32 x 32 blocks, with ``--tokens`` tokens, on
+a float (fp32) base and on a bitsandbytes 4-bit NF4 base (``--bases``):
 
-* ``floor``: ``F.linear(x, W)`` frozen, the input gradient only (what any method pays at least);
-* ``lora-r8``: ``F.linear(x, W) + (x Aᵀ) Bᵀ``, A and B trained (PEFT's LoRA);
-* ``merged`` (the package's path on float bases, CPU and CUDA): ``F.linear(x, W + ΔW)``, ``W + ΔW`` formed in
-  the forward and again in the backward, the values' gradient sampled at the support (``sampled_addmm``, or
-  batched matmuls over the blocks);
-* ``sparse-products`` (its path on quantized bases): ``F.linear(x, W) + x ΔWᵀ`` with a CSR product (batched block
-  products for blocks), the input gradient ``g W + g ΔW`` likewise, the same values' gradient; nothing
-  weight-sized;
-* ``dense-delta``: a dense scattered ``ΔW`` and a second matmul, the values' gradient as the dense weight gradient
-  plus a gather (what 0.1.0 did on quantized bases).
+* ``floor``: the frozen base product, the input gradient only (what any method pays at least); on 4-bit bases
+  bitsandbytes' own 4-bit matmul (a dequantization in the forward and one in the backward);
+* ``lora-r8``: the base product plus ``(x Aᵀ) Bᵀ``, A and B trained (PEFT's LoRA, no dropout);
+* ``fold`` (the package's path): ΔW folded into the base product: on float bases added into W in place and the
+  entries put back exactly afterwards, on 4-bit bases scattered into the layer's own dequantized weight; the values'
+  gradient sampled at the support (``sampled_addmm``, or batched matmuls over the blocks);
+* ``fold-copy`` (float bases; the package's path before 0.2.0): ``W + ΔW`` formed as a new tensor for each product;
+* ``beside``: the base product plus ``x ΔWᵀ`` by sparse products (CSR, or batched block products), the input
+  gradient likewise: what the package did on quantized bases before 0.2.0, and still does on hooked ones;
+* ``dense-delta`` (float bases): a dense scattered ``ΔW`` and a second matmul, the values' gradient as the dense weight
+  gradient plus a gather (what 0.1.0 did on quantized bases).
 
 Every option runs on the same tensors, in a new random order each round, medians over ``--rounds``; the table gives
-the block's total (the sum over its seven projections) and its ratio to the floor and to LoRA.
+the block's total (the sum over its seven projections) and its ratio to the floor and to LoRA. ``--sddmm`` also times
+the values' gradient alone, three ways (the package's, the dense weight gradient plus a gather, and a gather of the
+support's rows and columns with row-wise dot products).
 
-    python benchmarks/cpu_hot_path.py --threads 2 --tokens 512 --rounds 30
+    python benchmarks/cpu_hot_path.py --threads 2 --tokens 512 --rounds 30 --bases fp32,nf4 --sddmm
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import random
 import statistics
+import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -36,6 +41,7 @@ import torch.nn.functional as F
 
 import peft_sparse  # noqa: F401  (peft_sparse.kernels)
 from peft_sparse.kernels import function as kfn
+from peft_sparse.quantized import dequantize_4bit
 from peft_sparse.kernels.layout import build_layout
 
 #: The projections of one block, (out, in): SmolLM2-135M (LLaMA) and all-MiniLM-L6-v2 (BERT).
@@ -76,7 +82,35 @@ class DenseDelta(torch.autograd.Function):
         return grad @ weight + grad @ delta, (grad.T @ x).view(-1)[indices], None, None
 
 
-def options(shape, tokens, density, block, seed=0) -> dict[str, Callable[[], None]]:
+class FoldCopy(torch.autograd.Function):
+    """``F.linear(x, W + ΔW)`` with ``W + ΔW`` formed as a new tensor in the forward and again in the backward."""
+
+    @staticmethod
+    def forward(ctx, x, values, layout, weight):
+        ctx.layout, ctx.weight = layout, weight
+        ctx.save_for_backward(x, values)
+        merged = weight.clone()
+        merged.view(-1).index_add_(0, layout.indices, values)
+        return F.linear(x, merged)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, values = ctx.saved_tensors
+        merged = ctx.weight.clone()
+        merged.view(-1).index_add_(0, ctx.layout.indices, values)
+        return grad @ merged, kfn.sddmm(grad, x, ctx.layout), None, None
+
+
+def nf4(weight: torch.Tensor):
+    """``weight`` quantized to bitsandbytes NF4: the packed weight (with its quant state) and a dequantizing callable."""
+    import bitsandbytes.functional as bnb_functional
+
+    packed, state = bnb_functional.quantize_4bit(weight, quant_type="nf4")
+    packed.quant_state = state  # what peft_sparse.quantized.dequantize_4bit reads
+    return packed, state, lambda dtype: dequantize_4bit(packed, dtype)
+
+
+def options(shape, tokens, density, block, base="fp32", seed=0) -> tuple[dict[str, Callable[[], None]], int]:
     g = torch.Generator().manual_seed(seed)
     out_f, in_f = shape
     weight = torch.randn(shape, generator=g) / in_f**0.5
@@ -89,41 +123,64 @@ def options(shape, tokens, density, block, seed=0) -> dict[str, Callable[[], Non
     a = (0.01 * torch.randn(8, in_f, generator=g)).requires_grad_()
     b = (0.01 * torch.randn(out_f, 8, generator=g)).requires_grad_()
 
-    def run(fn, context=contextlib.nullcontext):
+    def run(fn):
         def step():
-            with context():
-                fn().backward(grad)
+            fn().backward(grad)
             for t in (x, values, a, b):
                 t.grad = None
         return step
 
+    if base == "nf4":
+        import bitsandbytes as bnb
+
+        packed, state, fresh = nf4(weight)
+
+        def base_product():
+            return bnb.matmul_4bit(x, packed, quant_state=state)
+
+        return {
+            "floor": run(base_product),
+            "lora-r8": run(lambda: base_product() + (x @ a.T) @ b.T),
+            "fold": run(lambda: kfn.sparse_delta_linear(x, values, layout, fresh)),  # the package's path
+            "beside": run(lambda: base_product() + kfn.sparse_delta_linear(x, values, layout)),
+        }, indices.numel()
     return {
         "floor": run(lambda: F.linear(x, weight)),
         "lora-r8": run(lambda: F.linear(x, weight) + (x @ a.T) @ b.T),
-        "merged": run(lambda: kfn.sparse_delta_linear(x, values, layout, weight)),  # the package's path
-        "sparse-products": run(lambda: kfn.sparse_delta_linear(x, values, layout, weight), sparse_products),
+        "fold": run(lambda: kfn.sparse_delta_linear(x, values, layout, weight)),  # the package's path
+        "fold-copy": run(lambda: FoldCopy.apply(x, values, layout, weight)),
+        "beside": run(lambda: F.linear(x, weight) + kfn.sparse_delta_linear(x, values, layout)),
         "dense-delta": run(lambda: DenseDelta.apply(x, values, indices, weight)),
     }, indices.numel()
 
 
-@contextlib.contextmanager
-def sparse_products():
-    """The quantized bases' path on a float base: ``F.linear(x, W)`` plus the sparse products with ΔW."""
-    original = kfn.merges_weight
-    kfn.merges_weight = lambda weight: False
-    try:
-        yield
-    finally:
-        kfn.merges_weight = original
+def sddmm_options(shape, tokens, density, block, seed=0) -> tuple[dict[str, Callable[[], None]], int]:
+    """The values' gradient alone, three ways, on the same tensors."""
+    g = torch.Generator().manual_seed(seed)
+    out_f, in_f = shape
+    x = torch.randn(tokens, in_f, generator=g)
+    grad = torch.randn(tokens, out_f, generator=g)
+    count = 8 * (in_f + out_f) if density is None else round(density * out_f * in_f)
+    layout = build_layout(support(shape, count, block, g), shape, block)
+    rows = torch.div(layout.indices, in_f, rounding_mode="floor")
+
+    def gathered_dots():
+        return torch.einsum("kt,kt->k", grad.T.contiguous()[rows], x.T.contiguous()[layout.col])
+
+    return {
+        "sddmm (package)": lambda: kfn.sddmm(grad, x, layout),
+        "dense gradient + gather": lambda: (grad.T @ x).view(-1)[layout.indices],
+        "gathered row-wise dots": gathered_dots,
+    }, layout.nnz
 
 
-def time_block(shapes: dict, tokens: int, density, block: int, rounds: int) -> tuple[dict[str, float], int]:
+def time_block(shapes: dict, tokens: int, density, block: int, rounds: int, make=options) -> tuple[dict[str, float], int]:
     """Per option: the sum over the block's projections of the median forward + backward time (seconds)."""
     totals: dict[str, float] = {}
     entries = 0
     rng = random.Random(0)
     for shape in shapes.values():
-        steps, count = options(shape, tokens, density, block)
+        steps, count = make(shape, tokens, density, block)
         entries += count
         times: dict[str, list[float]] = {name: [] for name in steps}
         order = list(steps)
@@ -146,31 +203,47 @@ def main(argv=None) -> None:
                    help="tokens per step, comma-separated (512 = 8 x 64 in benchmarks/llm.py, 2048 = 32 x 64 in "
                         "benchmarks/step_time.py)")
     p.add_argument("--models", default="smollm2,minilm", help=f"block shapes of: {', '.join(MODELS)}")
+    p.add_argument("--bases", default="fp32,nf4", help="fp32 (a float base) and/or nf4 (bitsandbytes 4-bit)")
     p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--sddmm", action="store_true", help="also time the values' gradient alone, three ways")
     p.add_argument("--out", default=None, help="also write the table to this Markdown file")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     lines = [f"One block's projections, forward + backward, {args.threads} threads, torch {torch.__version__}; "
              f"medians of {args.rounds} rounds (random order), summed over the projections.", "",
-             "| block | tokens | support | trained entries | option | fwd+bwd | vs floor | vs LoRA r=8 |",
-             "|---|---:|---|---:|---|---:|---:|---:|"]
+             "| block | base | tokens | support | trained entries | option | fwd+bwd | vs floor | vs LoRA r=8 |",
+             "|---|---|---:|---|---:|---|---:|---:|---:|"]
     for model in args.models.split(","):
-        for tokens in args.tokens:
-            for density, label in ((None, "LoRA r=8's count"), (0.01, "1 %")):
+        for base in args.bases.split(","):
+            for tokens in args.tokens:
+                for density, label in ((None, "LoRA r=8's count"), (0.01, "1 %")):
+                    for block in (1, 32):
+                        make = partial(options, base=base)
+                        totals, entries = time_block(MODELS[model], tokens, density, block, args.rounds, make)
+                        name = f"{label}, {'unstructured' if block == 1 else f'{block}x{block} blocks'}"
+                        for option, seconds in totals.items():
+                            if option in ("floor", "lora-r8") and (block == 32 or density is not None):
+                                continue  # the same as the first rows
+                            lines.append(f"| {model} | {base} | {tokens} | {name} | {entries:,} | {option} | "
+                                         f"{1000 * seconds:.2f} ms | {seconds / totals['floor']:.2f} | "
+                                         f"{seconds / totals['lora-r8']:.2f} |")
+                            print(lines[-1], flush=True)
+    if args.sddmm:
+        lines += ["", "The values' gradient alone (the SDDMM), summed over the block's projections:", "",
+                  "| block | tokens | support | trained entries | way | time |", "|---|---:|---|---:|---|---:|"]
+        for model in args.models.split(","):
+            for tokens in args.tokens:
                 for block in (1, 32):
-                    totals, entries = time_block(MODELS[model], tokens, density, block, args.rounds)
-                    name = f"{label}, {'unstructured' if block == 1 else f'{block}x{block} blocks'}"
-                    for option, seconds in totals.items():
-                        if option in ("floor", "lora-r8") and (block == 32 or density is not None):
-                            continue  # the same as the first rows
-                        lines.append(f"| {model} | {tokens} | {name} | {entries:,} | {option} | {1000 * seconds:.2f} "
-                                     f"ms | {seconds / totals['floor']:.2f} | {seconds / totals['lora-r8']:.2f} |")
-                    print(lines[-1], flush=True)
+                    totals, entries = time_block(MODELS[model], tokens, None, block, args.rounds, sddmm_options)
+                    name = f"LoRA r=8's count, {'unstructured' if block == 1 else f'{block}x{block} blocks'}"
+                    for way, seconds in totals.items():
+                        lines.append(f"| {model} | {tokens} | {name} | {entries:,} | {way} | {1000 * seconds:.2f} ms |")
+                        print(lines[-1], flush=True)
     text = "\n".join(lines)
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n\nCommand: `python benchmarks/cpu_hot_path.py " +
-                                  " ".join(argv if argv is not None else __import__("sys").argv[1:]) + "`\n")
+                                  " ".join(argv if argv is not None else sys.argv[1:]) + "`\n")
 
 
 if __name__ == "__main__":

@@ -58,8 +58,11 @@ import peft_sparse  # noqa: E402
 from peft_sparse.reporting import peak_rss_mib  # noqa: E402
 
 #: name -> (method of examples/methods.py, its options). "floor" is the frozen backbone; full FT runs on fp32 only.
+#: LoRA rows without a dropout of their own take --lora_dropout (default 0.0, PEFT's default: the LoRA a user gets);
+#: "lora-r8-dropout0.1" is the examples' former setting, kept as a second, named row.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "lora-r8": ("lora", {"r": 8}),
+    "lora-r8-dropout0.1": ("lora", {"r": 8, "lora_dropout": 0.1}),
     "lora-r16": ("lora", {"r": 16}),
     "shira-r8": ("shira", {"r": 8}),
     "sparsemask-1pct": ("sparsemask", {"density": 0.01}),
@@ -77,8 +80,16 @@ BASES = ("fp32", "8bit", "4bit")
 BITS = {"fp32": None, "8bit": 8, "4bit": 4}
 FLOOR = "floor"
 #: examples/finetune_causal_lm.py's flag of each option.
-FLAGS = {"r": "--lora_r", "density": "--density", "match_lora_r": "--match_lora_r", "block_size": "--block_size",
+FLAGS = {"r": "--lora_r", "lora_dropout": "--lora_dropout", "density": "--density", "match_lora_r": "--match_lora_r", "block_size": "--block_size",
          "sparsity": "--sparsity", "priming_steps": "--priming_steps"}
+
+
+def variant(args, name: str) -> tuple[str, dict[str, Any]]:
+    """``(method, options)`` of variant ``name``; a LoRA row without its own dropout takes ``--lora_dropout``."""
+    method, options = VARIANTS[name]
+    if method == "lora":
+        options = {"lora_dropout": args.lora_dropout, **options}
+    return method, options
 
 
 def runs(args) -> list[tuple[str, str]]:
@@ -135,7 +146,7 @@ def build(args, name: str, base: str, batches) -> tuple[torch.nn.Module, Callabl
         model.enable_input_require_grads()
         optimizer = None
     else:
-        method, options = VARIANTS[name]
+        method, options = variant(args, name)
         model = apply_method(model, method, "CAUSAL_LM", **options)
         if isinstance(model, PeftModel) and peft_sparse.requires_calibration(model):  # Learner priming
             peft_sparse.calibrate(model, itertools.cycle(batches), num_batches=args.calibration_batches)
@@ -194,7 +205,8 @@ def memory_phase(args, results: dict) -> None:
         results.setdefault(f"{name}@{base}", {}).update(json_of_fresh_process(
             [__file__, "--alone", f"{name}@{base}", *common_argv(args), "--threads", str(args.threads),
              "--batch-size", str(args.batch_size), "--length", str(args.length), "--num-batches", str(args.num_batches),
-             "--alone-steps", str(args.alone_steps), "--calibration-batches", str(args.calibration_batches)]))
+             "--alone-steps", str(args.alone_steps), "--calibration-batches", str(args.calibration_batches),
+             "--lora_dropout", str(args.lora_dropout)]))
 
 
 def timing_phase(args, results: dict) -> None:
@@ -222,7 +234,7 @@ def quality_phase(args, results: dict, save=lambda: None) -> None:
     for name, base in runs(args):
         if name == FLOOR:
             continue
-        method, options = VARIANTS[name]
+        method, options = variant(args, name)
         key = f"{name}@{base}"
         if results.get(key, {}).get("score") is not None and results[key].get("quality_settings") == quality_settings(args):
             print(f"[quality] {key}: scored already", flush=True)
@@ -259,9 +271,10 @@ def fmt(value, spec: str, missing: str = "-") -> str:
 
 
 #: The settings each phase ran with, kept per phase in llm.json (phases may run in separate commands).
-PHASE_SETTINGS = {"memory": ("threads", "batch_size", "length", "alone_steps"),
-                  "timing": ("threads", "repeats", "warmup", "batch_size", "length"),
-                  "quality": ("threads", "train_steps", "batch_size", "length", "train_samples", "eval_samples")}
+PHASE_SETTINGS = {"memory": ("threads", "batch_size", "length", "alone_steps", "lora_dropout"),
+                  "timing": ("threads", "repeats", "warmup", "batch_size", "length", "lora_dropout"),
+                  "quality": ("threads", "train_steps", "batch_size", "length", "train_samples", "eval_samples",
+                              "lora_dropout")}
 
 
 def quality_settings(args) -> dict:
@@ -444,6 +457,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fresh", action="store_true", help="start a new llm.json instead of adding to the one there")
     p.add_argument("--report", action="store_true", help="only rebuild llm.md and llm.png from llm.json")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--lora_dropout", type=float, default=0.0,
+                   help="dropout of the LoRA rows that set none (default 0.0, PEFT's LoraConfig default)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--length", type=int, default=64, help="tokens per row")
     p.add_argument("--num-batches", type=int, default=4, help="fixed batches, cycled")

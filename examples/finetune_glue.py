@@ -74,7 +74,7 @@ class DataArguments:
 
 
 #: The methods each option applies to, and the name methods.method_config knows it by where that differs.
-APPLIES_TO = {"lora_r": ("lora", "shira"), "target_modules": tuple(m for m in METHODS if m != "full"),
+APPLIES_TO = {"lora_r": ("lora", "shira"), "lora_dropout": ("lora",), "target_modules": tuple(m for m in METHODS if m != "full"),
               "density": ("sparsemask",), "selection": ("sparsemask",), "block_size": ("sparsemask",),
               "sparsity": ("mask",), "dps_variant": ("dps",), "keep_ratio": ("dps",), "update_ratio": ("dps",),
               "layers": ("layerselect",), "num_layers": ("layerselect",), "learner_ratio": ("learner",),
@@ -91,6 +91,7 @@ def option(name: str, help: str):
 class MethodArguments:
     method: Literal[METHODS] = field(metadata={"help": "What to train; sparsemask = delta mode, mask = mask mode"})
     lora_r: Optional[int] = option("lora_r", "rank; SHiRA trains r·(in + out) entries per matrix (default 8)")
+    lora_dropout: Optional[float] = option("lora_dropout", "dropout on LoRA's input (default 0.0, PEFT's default)")
     target_modules: Optional[list[str]] = option("target_modules", "modules to train, e.g. query value, or all-linear")
     density: Optional[float] = option("density", "fraction of each weight trained")
     selection: Optional[Literal["magnitude", "random", "gradient"]] = option(

@@ -113,8 +113,7 @@ def method_config(method: str, model: nn.Module, task_type: str, **options: Any)
         options.setdefault("target_modules", lora_targets(model))  # DPS scope="model" picks its own (all-linear)
     if method == "lora":
         r = options.pop("r", 8)
-        options.setdefault("lora_alpha", 2 * r)
-        options.setdefault("lora_dropout", 0.1)
+        options.setdefault("lora_alpha", 2 * r)  # lora_dropout: PEFT's default (0.0) unless given
         return LoraConfig(task_type=task_type, r=r, **options)
     if method == "shira":
         return ShiraConfig(task_type=task_type, r=options.pop("r", 8), **options)
