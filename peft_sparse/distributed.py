@@ -152,7 +152,7 @@ def check_sharding(model: nn.Module) -> None:
     ``min_num_params``): FSDP gathers a unit's parameters only around that unit's own forward, and those are read
     outside it.
     """
-    from peft_sparse.modules import find_tuner
+    from peft_sparse.modules import find_tuner, first_of
 
     tuner = find_tuner(model)
     layers = getattr(tuner, "tuner_layers", None)
@@ -165,9 +165,8 @@ def check_sharding(model: nn.Module) -> None:
                 continue
             problems.append(f"{name}.{inner} ({type(unit).__name__})")
     if problems:
-        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
         raise ValueError(
-            f"This FSDP setting cannot work with {type(tuner).__name__}: {shown}. FSDP gathers a unit's parameters "
+            f"This FSDP setting cannot work with {type(tuner).__name__}: {first_of(problems, 4)}. FSDP gathers a unit's parameters "
             "only around that unit's own forward, and peft_sparse tuner layers read their adapter (and, for "
             "LayerSelect, base) parameters themselves. Shard whole tuner layers, transformer blocks or the model: "
             "fully_shard each block and then the model (Accelerate: fsdp_auto_wrap_policy=TRANSFORMER_BASED_WRAP, "

@@ -132,3 +132,9 @@ def find_tuner(model: nn.Module) -> Optional[nn.Module]:
         return model
     tuner = getattr(model, "base_model", None)
     return tuner if isinstance(tuner, BaseTuner) else None
+
+
+def first_of(problems: list[str], limit: int) -> str:
+    """The first ``limit`` of ``problems`` joined with "; ", and how many more there are (for error messages)."""
+    more = f"; and {len(problems) - limit} more" if len(problems) > limit else ""
+    return "; ".join(problems[:limit]) + more

@@ -49,6 +49,7 @@ from peft_sparse.modules import (
     block_index,
     dense_weight,
     find_layer_stack,
+    first_of,
     head_module_names,
     is_linear,
     is_norm,
@@ -533,10 +534,9 @@ class SparseTunerModel(BaseTuner):
             raise ValueError(f"target_modules={targets!r} selects no module of {type(model).__name__}")
         unsupported = {k: type(m).__name__ for k, m in found.items() if not self._supports(m)}
         if unsupported:
-            first = dict(list(unsupported.items())[:5])
+            listed = first_of([f"{name}: {kind}" for name, kind in unsupported.items()], 5)
             raise ValueError(
-                f"{type(self).__name__} cannot wrap these target modules (name: type): {first}"
-                + (f" and {len(unsupported) - 5} more" if len(unsupported) > 5 else "")
+                f"{type(self).__name__} cannot wrap these target modules (name: type): {listed}"
                 + self._unsupported_hint(unsupported)
             )
 
@@ -585,11 +585,10 @@ class SparseTunerModel(BaseTuner):
             remapped = loading.read_layer_checkpoints(cls, model, adapter_name, remapped)
             problems = loading.checkpoint_problems(cls.prefix, model, adapter_name, remapped)
             if problems:
-                shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
                 raise ValueError(
-                    f"The {cls.prefix.rstrip('_')} adapter checkpoint does not fit this model ({shown}). It was "
-                    "saved from another architecture, head, layer selection or tuner configuration; the model was "
-                    "left as it was."
+                    f"The {cls.prefix.rstrip('_')} adapter checkpoint does not fit this model ({first_of(problems, 6)}). "
+                    "It was saved from another architecture, head, layer selection or tuner configuration; the model "
+                    "was left as it was."
                 )
         except ValueError:
             loading.remove_adapter(model, adapter_name)

@@ -148,7 +148,7 @@ def write_model_card(config: SparseConfig, save_directory: str) -> None:
     name = subfolder or "default"
     marker = CARD_MARKER.format(name=name)
     settings = "\n".join(f"- `{k}`: `{v!r}`" for k, v in config.non_default_settings().items()) or "- (defaults)"
-    load_args = f'"<this folder or repo id>"' + (f', subfolder="{subfolder}", adapter_name="{subfolder}"' if subfolder else "")
+    load_args = '"<this folder or repo id>"' + (f', subfolder="{subfolder}", adapter_name="{subfolder}"' if subfolder else "")
     section = f"""{marker}
 ## peft_sparse adapter: {type(config).__name__.removesuffix("Config")}{f" ({subfolder})" if subfolder else ""}
 

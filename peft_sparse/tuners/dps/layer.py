@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peft_sparse import distributed, quantized, sparse, storage
-from peft_sparse.modules import dense_weight, is_linear
+from peft_sparse.modules import is_linear
 from peft_sparse.tuners.base import SparseTunerLayer
 
 from .config import DPSConfig
