@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from evidence_codes import current_codes  # noqa: E402
 from evidence_run import MAX_LENGTH, _batches, _encode, code_hash, load_split  # noqa: E402
 from glue_data import TASKS  # noqa: E402
 
@@ -72,12 +73,14 @@ def adapter_bytes(pairs: list[tuple[str, str]], variants: dict[str, tuple[str, d
                   options_for: Callable[[str, str], dict[str, Any]], model_path: str, glue_dir: Optional[str],
                   cache_path: Path, compute: bool) -> dict[tuple[str, str], int]:
     """Bytes saved per (variant, task) from the cache, measuring the missing ones when ``compute`` is set. A
-    cached size counts only while its variant's code hash is the checkout's."""
+    cached size counts only while its variant's code hash is the checkout's, or one certified equivalent to it
+    (``evidence_codes.current_codes``)."""
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     sizes, changed = {}, False
     for variant, task in pairs:
         method = variants[variant][0]
-        key = f"{variant}|{task}|{code_hash(method)}"
+        key = next((k for k in (f"{variant}|{task}|{c}" for c in current_codes(method)) if k in cache),
+                   f"{variant}|{task}|{code_hash(method)}")
         if key not in cache and compute:
             cache[key] = measure(method, options_for(variant, task), task, model_path, glue_dir)
             changed = True
