@@ -106,7 +106,7 @@ def folded(weight: WeightSource, values: torch.Tensor, layout: SparseLayout, dty
         return
     flat = (weight if weight.is_contiguous() else weight.T).view(-1)
     with torch.no_grad():
-        saved = flat[storage]
+        saved = flat.index_select(0, storage)  # not flat[storage]: advanced indexing is a slow path on the CPU
         flat.index_add_(0, storage, values.to(dtype))
     try:
         yield weight

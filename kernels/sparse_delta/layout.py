@@ -34,21 +34,57 @@ class BlockPattern(NamedTuple):
     crow: torch.Tensor  # (out + 1,) the entries' CSR row pointers
 
 
-class SparseLayout(NamedTuple):
-    """Everything the operations need to know about one support."""
+class SparseLayout:
+    """Everything the operations need to know about one support, derived once per support.
 
-    shape: tuple[int, int]
-    indices: torch.Tensor  # (k,) sorted flat int64 indices
-    crow: torch.Tensor  # (out + 1,) CSR row pointers
-    col: torch.Tensor  # (k,) column of each entry, CSR order
-    ccol: torch.Tensor  # (in + 1,) CSC column pointers
-    csc_row: torch.Tensor  # (k,) row of each entry, CSC order
-    csc_order: torch.Tensor  # (k,) ``values[csc_order]`` are the values in CSC order
-    blocks: Optional[BlockPattern]  # the block pattern, or None (unstructured, or not whole blocks)
+    ``indices`` (the sorted flat support), the CSR arrays (``crow``, ``col``) and the block pattern are built at
+    once; the CSC arrays (``ccol``, ``csc_row``, ``csc_order``), which only the transposed sparse product needs, and
+    the block positions (``block_value_index``) are built the first time they are asked for and kept.
+    """
+
+    def __init__(self, shape: tuple[int, int], indices: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
+                 blocks: Optional[BlockPattern]) -> None:
+        self.shape = shape
+        self.indices = indices  # (k,) sorted flat int64 indices
+        self.crow = crow  # (out + 1,) CSR row pointers
+        self.col = col  # (k,) column of each entry, CSR order
+        self.blocks = blocks  # the block pattern, or None (unstructured, or not whole blocks)
+        self._csc: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+        self._block_index: Optional[torch.Tensor] = None
 
     @property
     def nnz(self) -> int:
         return self.indices.numel()
+
+    def _build_csc(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._csc is None:
+            rows = torch.div(self.indices, self.shape[1], rounding_mode="floor")
+            order = torch.sort(self.col, stable=True).indices  # rows stay ascending within a column
+            self._csc = (_pointers(self.col, self.shape[1]), rows.index_select(0, order), order)
+        return self._csc
+
+    @property
+    def ccol(self) -> torch.Tensor:
+        """(in + 1,) CSC column pointers."""
+        return self._build_csc()[0]
+
+    @property
+    def csc_row(self) -> torch.Tensor:
+        """(k,) row of each entry, CSC order."""
+        return self._build_csc()[1]
+
+    @property
+    def csc_order(self) -> torch.Tensor:
+        """(k,) ``values.index_select(0, csc_order)`` are the values in CSC order."""
+        return self._build_csc()[2]
+
+    @property
+    def block_value_index(self) -> Optional[torch.Tensor]:
+        """``(blocks, B, B)`` positions in the values of each block's entries (-1 outside the weight), in BSR order;
+        None without blocks (see ``block_value_index``)."""
+        if self._block_index is None and self.blocks is not None:
+            self._block_index = block_value_index(self)
+        return self._block_index
 
 
 def _pointers(groups: torch.Tensor, count: int) -> torch.Tensor:
@@ -65,10 +101,8 @@ def build_layout(indices: torch.Tensor, shape: tuple[int, int], block_size: int 
     rows = torch.div(indices, in_features, rounding_mode="floor")
     cols = indices - rows * in_features
     crow = _pointers(rows, out_features)
-    order = torch.sort(cols, stable=True).indices  # rows stay ascending within a column
-    ccol = _pointers(cols, in_features)
     blocks = _block_pattern(rows, cols, crow, (out_features, in_features), block_size) if block_size > 1 else None
-    return SparseLayout((out_features, in_features), indices, crow, cols, ccol, rows[order], order, blocks)
+    return SparseLayout((out_features, in_features), indices, crow, cols, blocks)
 
 
 def _block_pattern(rows, cols, crow, shape, b: int) -> Optional[BlockPattern]:

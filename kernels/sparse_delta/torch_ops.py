@@ -16,7 +16,7 @@ import warnings
 
 import torch
 
-from .layout import SparseLayout, block_value_index
+from .layout import SparseLayout
 
 #: Largest gathered activation tile of the block SDDMM (elements), so its memory stays bounded.
 _BLOCK_GATHER_LIMIT = 1 << 22
@@ -63,8 +63,9 @@ def _block_product(a: torch.Tensor, values: torch.Tensor, layout: SparseLayout, 
     b = pattern.block_size
     out_features, in_features = layout.shape
     dtype = _compute_dtype(a.dtype, a.device)
-    index = block_value_index(layout)  # (blocks, B rows, B cols)
-    tiles = torch.where(index >= 0, values.to(dtype)[index.clamp(min=0)], 0)
+    index = layout.block_value_index  # (blocks, B rows, B cols), built once per support
+    gathered = values.to(dtype).index_select(0, index.clamp(min=0).flatten()).view(index.shape)
+    tiles = torch.where(index >= 0, gathered, 0)
     offs = torch.arange(b, device=a.device)
     rows = (pattern.rows[:, None] * b + offs).clamp(max=out_features - 1)
     cols = (pattern.cols[:, None] * b + offs).clamp(max=in_features - 1)
@@ -103,7 +104,8 @@ def spmm_t(grad: torch.Tensor, values: torch.Tensor, layout: SparseLayout) -> to
     if layout.blocks is not None:
         return _block_product(grad, values, layout, transpose=True)
     dtype = _compute_dtype(grad.dtype, grad.device)
-    transposed = _csr(layout.ccol, layout.csc_row, values[layout.csc_order].to(dtype), layout.shape[::-1])
+    ordered = values.index_select(0, layout.csc_order).to(dtype)
+    transposed = _csr(layout.ccol, layout.csc_row, ordered, layout.shape[::-1])
     return (transposed @ grad.to(dtype).T.contiguous()).T
 
 
@@ -113,7 +115,7 @@ def sddmm(grad_out: torch.Tensor, x: torch.Tensor, layout: SparseLayout) -> torc
     if layout.nnz == 0 or grad_out.shape[0] == 0:
         return torch.zeros(layout.nnz, dtype=torch.float32, device=x.device)
     if x.is_cuda:
-        return (grad_out.T @ x).view(-1)[layout.indices].float()
+        return (grad_out.T @ x).view(-1).index_select(0, layout.indices).float()
     if layout.blocks is not None:
         return _sddmm_blocks(grad_out, x, layout)
     dtype = _compute_dtype(x.dtype, x.device)
@@ -123,29 +125,31 @@ def sddmm(grad_out: torch.Tensor, x: torch.Tensor, layout: SparseLayout) -> torc
 
 
 def _sddmm_blocks(grad_out: torch.Tensor, x: torch.Tensor, layout: SparseLayout) -> torch.Tensor:
-    """Block supports: gather each block's rows of ``grad_out`` and columns of ``x``, one batched matmul."""
+    """Block supports: each block's rows of ``grad_out`` and columns of ``x`` (gathered as rows of their transposes,
+    contiguous runs of tokens), one batched matmul, the tiles written to their row-major positions."""
     pattern = layout.blocks
     b = pattern.block_size
     out_features, in_features = layout.shape
     tokens = grad_out.shape[0]
     dtype = _compute_dtype(x.dtype, x.device)
+    grad_t = grad_out.T.to(dtype).contiguous()  # (out, tokens)
+    x_t = x.T.to(dtype).contiguous()  # (in, tokens)
     offs = torch.arange(b, device=x.device)
+    index = layout.block_value_index  # (blocks, B, B) positions in the values, -1 outside the weight
     result = torch.empty(layout.nnz, dtype=torch.float32, device=x.device)
     count = pattern.rows.numel()
     chunk = max(1, _BLOCK_GATHER_LIMIT // (b * max(tokens, 1)))
     for start in range(0, count, chunk):
-        block_rows = pattern.rows[start : start + chunk]
-        block_cols = pattern.cols[start : start + chunk]
-        rows = block_rows[:, None] * b + offs  # (n, B), past the edge for clipped blocks
-        cols = block_cols[:, None] * b + offs
-        g = grad_out.index_select(1, rows.clamp(max=out_features - 1).flatten()).to(dtype)
-        xs = x.index_select(1, cols.clamp(max=in_features - 1).flatten()).to(dtype)
+        rows = (pattern.rows[start : start + chunk, None] * b + offs).clamp(max=out_features - 1)  # (n, B)
+        cols = (pattern.cols[start : start + chunk, None] * b + offs).clamp(max=in_features - 1)
         n = rows.shape[0]
-        tiles = torch.bmm(g.view(tokens, n, b).permute(1, 2, 0), xs.view(tokens, n, b).transpose(0, 1))
-        # Row i of block k sits at crow[row] + (rank of k in its block row) * B in the row-major values.
-        rank = torch.arange(start, start + n, device=x.device) - pattern.row_ptr[block_rows]
-        starts = pattern.crow[rows.clamp(max=out_features - 1)] + (rank * b)[:, None]
-        positions = starts[:, :, None] + offs
-        inside = (rows < out_features)[:, :, None] & (cols < in_features)[:, None, :]
-        result[positions[inside]] = tiles[inside].float()
+        g = grad_t.index_select(0, rows.flatten()).view(n, b, tokens)
+        xs = x_t.index_select(0, cols.flatten()).view(n, b, tokens)
+        tiles = torch.bmm(g, xs.transpose(1, 2)).float()  # (n, B rows, B cols)
+        positions = index[start : start + n]
+        inside = positions >= 0
+        if bool(inside.all()):
+            result.index_copy_(0, positions.flatten(), tiles.flatten())
+        else:  # blocks clipped at the weight's edge
+            result.index_copy_(0, positions[inside], tiles[inside])
     return result

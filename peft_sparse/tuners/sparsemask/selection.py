@@ -83,8 +83,8 @@ def random_support(
 def hard_keep_mask(scores: torch.Tensor, num_pruned: int) -> torch.Tensor:
     """1 for the entries kept, 0 for the ``num_pruned`` lowest ``scores`` (no gradient)."""
     keep = torch.ones_like(scores)
-    if num_pruned > 0:
-        keep[torch.topk(scores.detach(), num_pruned, largest=False, sorted=False).indices] = 0
+    if num_pruned > 0:  # index_fill_: the advanced-indexing write is a slow path on the CPU
+        keep.index_fill_(0, torch.topk(scores.detach(), num_pruned, largest=False, sorted=False).indices, 0)
     return keep
 
 
