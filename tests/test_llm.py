@@ -444,6 +444,34 @@ def test_sparsemask_float_step_leaves_the_weight_bit_for_bit(options):
     torch.testing.assert_close(out, reference)
 
 
+def test_two_active_sparsemask_adapters_fold_one_and_add_the_other_exactly():
+    torch.manual_seed(0)
+    model = get_peft_model(OneLayer(), SparseMaskConfig(target_modules=["proj"], density=0.05), adapter_name="a")
+    model.add_adapter("b", SparseMaskConfig(target_modules=["proj"], density=0.05, selection="random"))
+    model.base_model.set_adapter(["a", "b"])
+    model.train()
+    layer = model.base_model.model.proj
+    for delta in layer.sparsemask_delta.values():
+        with torch.no_grad():
+            delta.values.normal_()
+    weight = layer.get_base_layer().weight
+    before = weight.detach().clone()
+    x = torch.randn(2, 4, 64, requires_grad=True)
+    out = model(x)
+    out.square().sum().backward()
+    assert torch.equal(weight, before)
+    values = {a: d.values.detach().clone().requires_grad_(True) for a, d in layer.sparsemask_delta.items()}
+    dense = sum(torch.zeros(96 * 64).index_add(0, layer.sparsemask_delta[a].indices, v).view(96, 64)
+                for a, v in values.items())
+    reference_x = x.detach().clone().requires_grad_(True)
+    expected = torch.nn.functional.linear(reference_x, before + dense, layer.get_base_layer().bias)
+    expected.square().sum().backward()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(x.grad, reference_x.grad, rtol=1e-5, atol=1e-4)  # two products' sums, reordered
+    for adapter, value in values.items():
+        torch.testing.assert_close(layer.sparsemask_delta[adapter].values.grad, value.grad, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("block_size", [1, 16], ids=["entries", "blocks16"])
 def test_sparse_products_allocate_nothing_weight_sized(block_size):
     # Quantized bases (no float W): the base layer's forward plus sparse products, forward and backward.
