@@ -20,7 +20,8 @@ a float (fp32) base and on a bitsandbytes 4-bit NF4 base (``--bases``):
 Every option runs on the same tensors, in a new random order each round, medians over ``--rounds``; the table gives
 the block's total (the sum over its seven projections) and its ratio to the floor and to LoRA. ``--sddmm`` also times
 the values' gradient alone, three ways (the package's, the dense weight gradient plus a gather, and a gather of the
-support's rows and columns with row-wise dot products).
+support's rows and columns with row-wise dot products); ``--indexing`` times reading and writing the support's
+entries of a weight by advanced indexing and by the ``index_*`` ops.
 
     python benchmarks/cpu_hot_path.py --threads 2 --tokens 512 --rounds 30 --bases fp32,nf4 --sddmm
 """
@@ -196,6 +197,23 @@ def time_block(shapes: dict, tokens: int, density, block: int, rounds: int, make
     return totals, entries
 
 
+def indexing_options(shape, tokens, density, block, seed=0) -> tuple[dict[str, Callable[[], None]], int]:
+    """Reading and writing the support's entries of a weight: advanced indexing against the index_* ops."""
+    g = torch.Generator().manual_seed(seed)
+    out_f, in_f = shape
+    flat = torch.randn(out_f * in_f, generator=g)
+    count = 8 * (in_f + out_f) if density is None else round(density * out_f * in_f)
+    indices = support(shape, count, block, g)
+    values = torch.randn(indices.numel(), generator=g)
+    return {
+        "read: weight[indices]": lambda: flat[indices],
+        "read: index_select": lambda: flat.index_select(0, indices),
+        "write: weight[indices] = v (index_put_)": lambda: flat.index_put_((indices,), values),
+        "write: index_copy_": lambda: flat.index_copy_(0, indices, values),
+        "add: index_add_": lambda: flat.index_add_(0, indices, values),
+    }, indices.numel()
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
@@ -206,6 +224,7 @@ def main(argv=None) -> None:
     p.add_argument("--bases", default="fp32,nf4", help="fp32 (a float base) and/or nf4 (bitsandbytes 4-bit)")
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--sddmm", action="store_true", help="also time the values' gradient alone, three ways")
+    p.add_argument("--indexing", action="store_true", help="also time reading and writing the support's entries")
     p.add_argument("--out", default=None, help="also write the table to this Markdown file")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -239,6 +258,14 @@ def main(argv=None) -> None:
                     for way, seconds in totals.items():
                         lines.append(f"| {model} | {tokens} | {name} | {entries:,} | {way} | {1000 * seconds:.2f} ms |")
                         print(lines[-1], flush=True)
+    if args.indexing:
+        lines += ["", "Reading and writing the support's entries of each weight (LoRA r=8's count, unstructured), summed "
+                  "over the block's projections:", "", "| block | trained entries | way | time |", "|---|---:|---|---:|"]
+        for model in args.models.split(","):
+            totals, entries = time_block(MODELS[model], 0, None, 1, args.rounds, indexing_options)
+            for way, seconds in totals.items():
+                lines.append(f"| {model} | {entries:,} | {way} | {1e6 * seconds:.0f} µs |")
+                print(lines[-1], flush=True)
     text = "\n".join(lines)
     print(text)
     if args.out:
