@@ -125,27 +125,25 @@ def sddmm(grad_out: torch.Tensor, x: torch.Tensor, layout: SparseLayout) -> torc
 
 
 def _sddmm_blocks(grad_out: torch.Tensor, x: torch.Tensor, layout: SparseLayout) -> torch.Tensor:
-    """Block supports: each block's rows of ``grad_out`` and columns of ``x`` (gathered as rows of their transposes,
-    contiguous runs of tokens), one batched matmul, the tiles written to their row-major positions."""
+    """Block supports: each block's columns of ``grad_out`` and ``x`` gathered as ``(tokens, B)`` tiles, one batched
+    matmul, the tiles written to their row-major positions with one ``index_copy_``."""
     pattern = layout.blocks
     b = pattern.block_size
     out_features, in_features = layout.shape
     tokens = grad_out.shape[0]
     dtype = _compute_dtype(x.dtype, x.device)
-    grad_t = grad_out.T.to(dtype).contiguous()  # (out, tokens)
-    x_t = x.T.to(dtype).contiguous()  # (in, tokens)
-    offs = torch.arange(b, device=x.device)
+    grad_out, x = grad_out.to(dtype), x.to(dtype)
     index = layout.block_value_index  # (blocks, B, B) positions in the values, -1 outside the weight
     result = torch.empty(layout.nnz, dtype=torch.float32, device=x.device)
     count = pattern.rows.numel()
     chunk = max(1, _BLOCK_GATHER_LIMIT // (b * max(tokens, 1)))
+    offs = torch.arange(b, device=x.device)
     for start in range(0, count, chunk):
-        rows = (pattern.rows[start : start + chunk, None] * b + offs).clamp(max=out_features - 1)  # (n, B)
-        cols = (pattern.cols[start : start + chunk, None] * b + offs).clamp(max=in_features - 1)
-        n = rows.shape[0]
-        g = grad_t.index_select(0, rows.flatten()).view(n, b, tokens)
-        xs = x_t.index_select(0, cols.flatten()).view(n, b, tokens)
-        tiles = torch.bmm(g, xs.transpose(1, 2)).float()  # (n, B rows, B cols)
+        rows, cols = pattern.rows[start : start + chunk], pattern.cols[start : start + chunk]
+        n = rows.numel()
+        g = _block_columns(grad_out, rows, b, offs, out_features)  # (n, tokens, B)
+        xs = _block_columns(x, cols, b, offs, in_features)
+        tiles = torch.bmm(g.transpose(1, 2), xs).float()  # (n, B rows, B cols)
         positions = index[start : start + n]
         inside = positions >= 0
         if bool(inside.all()):
@@ -153,3 +151,13 @@ def _sddmm_blocks(grad_out: torch.Tensor, x: torch.Tensor, layout: SparseLayout)
         else:  # blocks clipped at the weight's edge
             result.index_copy_(0, positions[inside], tiles[inside])
     return result
+
+
+def _block_columns(a: torch.Tensor, blocks: torch.Tensor, b: int, offs: torch.Tensor, width: int) -> torch.Tensor:
+    """``(n, tokens, B)``: for each block index in ``blocks``, its ``B`` columns of ``a`` (``(tokens, width)``); whole
+    column blocks are gathered from a blocked view, edge blocks (past ``width``) by their clamped columns."""
+    tokens = a.shape[0]
+    if width % b == 0:
+        return a.view(tokens, width // b, b).transpose(0, 1).index_select(0, blocks)
+    columns = (blocks[:, None] * b + offs).clamp(max=width - 1).flatten()
+    return a.index_select(1, columns).view(tokens, blocks.numel(), b).transpose(0, 1)
