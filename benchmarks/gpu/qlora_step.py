@@ -11,7 +11,7 @@ Methods, each on its own copy of the base (examples/methods.py builds them): the
 weight; the input embeddings' output requires grad, so the backward runs through every layer: the floor for any
 adapter), QLoRA r=16 on every linear layer (PEFT's default dropout, 0.0), SparseMask at QLoRA r=16's trained-entry
 count on the same layers (entries, and 32×32 blocks), and BitFit. With 8 of the 32 layers, the embeddings and the
-128k-entry head weigh about four times more in a step than in the whole model, which narrows every ratio to the
+128k-entry head weigh about three times more in a step than in the whole model, which narrows every ratio to the
 frozen step.
 
 * Step time: every method is built once, then all are stepped in a new random order each round
