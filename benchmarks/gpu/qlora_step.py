@@ -28,6 +28,7 @@ frozen step.
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import tempfile
@@ -74,6 +75,16 @@ def save_random_model(shape: dict, layers: int, folder: str, device: str) -> Non
     with torch.device(device):
         model = LlamaForCausalLM(LlamaConfig(**shape, num_hidden_layers=layers))
     model.to(torch.bfloat16).save_pretrained(folder)
+    del model
+    release()
+
+
+def release() -> None:
+    """Free what is no longer referenced now (a model's reference cycles wait for the collector otherwise), so that the
+    next method's memory baseline holds nothing that the collector could free during its measurement."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def load_prepared(folder: str, device: str) -> torch.nn.Module:
@@ -115,6 +126,7 @@ def build(label: str, folder: str, ids: torch.Tensor, autocast: bool) -> tuple[C
     """Method ``label`` on its own copy of the base: its stepper, and its row (trainable entries, peak GiB: None on
     the CPU) after one untimed step and one measured step."""
     cuda = ids.is_cuda
+    release()
     before = torch.cuda.memory_allocated() if cuda else 0
     model = load_prepared(folder, str(ids.device))
     spec = METHODS[label]
@@ -257,8 +269,6 @@ def main(argv=None) -> None:
                 traceback.print_exc()
                 first_line = (str(error).splitlines() or [""])[0][:120]
                 rows[label] = {"error": f"{type(error).__name__}: {first_line}"}
-                if ids.is_cuda:
-                    torch.cuda.empty_cache()
             print(f"{label}: {rows[label]} ({time.perf_counter() - start:.0f} s)", flush=True)
     times = interleaved_times(steppers, args.rounds, args.warmup)
     for label in steppers:
