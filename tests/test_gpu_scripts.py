@@ -1,11 +1,15 @@
 """The scripts a lent GPU machine runs (benchmarks/gpu/), checked on the CPU: a GPU's time is too short to debug them
-there. ``qlora_step.py --tiny`` runs end to end in a fresh interpreter; its report's targets are judged from rows."""
+there. ``qlora_step.py --tiny`` runs end to end in a fresh interpreter, its report's targets are judged from rows,
+device_session.sh's phases and time limits are dry-run, and prepare_wheels.py's slimming keeps a valid wheel."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
 import re
+import subprocess
+import sys
+import zipfile
 from argparse import Namespace
 from pathlib import Path
 
@@ -16,9 +20,18 @@ from fresh_python import run_python
 pytest.importorskip("bitsandbytes")
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu" / "qlora_step.py"
-_spec = importlib.util.spec_from_file_location("qlora_step", SCRIPT)
-qlora_step = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(qlora_step)
+SESSION = ROOT / "benchmarks" / "gpu" / "device_session.sh"
+
+
+def load(path: Path):
+    """A script of benchmarks/gpu/ as a module."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+qlora_step = load(SCRIPT)
 
 
 def table_rows(text: str) -> dict[str, list[str]]:
@@ -75,3 +88,44 @@ def test_report_judges_the_targets_and_names_a_failed_method():
     text = "\n".join(qlora_step.report(rows, args, "GPU", "torch x"))
     assert table_rows(text)[qlora_step.QLORA][1:4] == ["200.0", "–", "1.00"]
     assert "1.10 × the frozen 4-bit step: not measured" in text
+
+
+def dry_run(tmp_path, *args: str) -> tuple[str, list[str]]:
+    """benchmarks/gpu/device_session.sh with DRY_RUN=1 (no install, GPU commands echoed): its log and its files."""
+    out = tmp_path / "out"
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # python3: this interpreter
+    done = subprocess.run(["bash", str(SESSION), *args], cwd=ROOT, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "DRY_RUN": "1", "OUT": str(out), "PATH": path})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return (out / "session.log").read_text(), sorted(p.name for p in out.iterdir())
+
+
+@pytest.mark.slow
+def test_device_session_runs_its_phases_inside_the_budget(tmp_path):
+    assert subprocess.run(["bash", "-n", str(SESSION)]).returncode == 0
+    log, files = dry_run(tmp_path, "kernels,tests,evidence", "400", "2")
+    for command in ("sparse_kernels.py --no-kernels --out", "sparse_kernels.py --no-train --quick",
+                    "pytest -v --durations=10", "--shard 1/2"):
+        assert "dry run: timeout" in log and command in log, command
+    assert "== qlora" not in log and len(files) <= 8
+    assert {"machine.txt", "session.log", "evidence.log"} <= set(files)
+    log, _ = dry_run(tmp_path, "qlora,kernels,tests,evidence", "60")  # too little left for any phase
+    assert all(f"{phase}: skipped" in log for phase in ("qlora", "kernels (training step)", "tests", "evidence"))
+
+
+def test_prepare_wheels_slims_bitsandbytes_to_the_libraries_kept(tmp_path):
+    prepare_wheels = load(ROOT / "benchmarks" / "gpu" / "prepare_wheels.py")
+    wheel = tmp_path / "bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl"
+    names = ["bitsandbytes/__init__.py"] + [f"bitsandbytes/libbitsandbytes_{lib}.so"
+                                            for lib in ("cpu", "cuda118", "cuda130", "rocm72")]
+    record = "bitsandbytes-0.50.2.dist-info/RECORD"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for name in names:
+            archive.writestr(name, "x")
+        archive.writestr(record, "".join(f"{name},sha256=x,1\n" for name in [*names, record]))
+    dropped = prepare_wheels.slim(wheel)
+    kept = [names[0], names[1], names[3]]
+    assert sorted(dropped) == sorted(set(names) - set(kept))
+    with zipfile.ZipFile(wheel) as archive:
+        assert archive.namelist() == [*kept, record]
+        assert [line.split(",")[0] for line in archive.read(record).decode().splitlines()] == [*kept, record]
