@@ -19,7 +19,7 @@ Training step (``--train``): a ~1B LLaMA-shaped model with random weights (TinyL
 forward + backward + AdamW step on ``--train-batch`` × ``--train-length`` tokens: SparseMask at 1% density
 (entries, and 32×32 blocks) with the Triton and the torch backends, vs the frozen-backbone step (no trainable
 weight; the input embeddings require grad, so the backward still runs through every layer: the floor for
-any adapter) and LoRA r=16 on the same linear layers.
+any adapter) and LoRA r=16 (alpha 32, PEFT's default dropout 0.0) on the same linear layers.
 
     python benchmarks/sparse_kernels.py --out kernels-benchmark.md
     python benchmarks/sparse_kernels.py --quick            # one shape, one token count, three densities
@@ -277,7 +277,10 @@ def training_rows(args, device: str = "cuda", shape: Optional[dict] = None) -> l
     weights = 22 * (2 * 2048 * 2048 + 2 * 2048 * 256 + 3 * 2048 * 5632)
     methods = {  # name: (config, backend)
         "frozen backbone (input grad only)": (None, "auto"),
-        "LoRA r=16": (lambda: LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, target_modules=LINEARS), "auto"),
+        # PEFT's default dropout, written out: the tables in benchmarks/gpu/ were measured with it (this config never
+        # set one; peft 0.21.2's LoraConfig defaults to 0.0), so no second, dropout row is needed for comparison.
+        "LoRA r=16": (lambda: LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.0,
+                                         target_modules=LINEARS), "auto"),
         "SparseMask 1% entries": (sparsemask(1), "auto"),
         f"SparseMask 1% {b}×{b} blocks": (sparsemask(b), "auto"),
         f"SparseMask 1% {b}×{b} blocks, torch backend": (sparsemask(b), "torch"),
