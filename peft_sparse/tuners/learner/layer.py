@@ -72,8 +72,8 @@ class LearnerLayer(SparseTunerLayer):
             self.learner_bias[adapter_name] = nn.Parameter(bias, requires_grad=requires_grad)
 
     # ----------------------------------------------------------------------------------------- forward
-    def ready_adapters(self) -> list[str]:
-        return [a for a in self.active_adapters if a in self.learner_nodes and len(self.learner_nodes[a]) > 0]
+    def is_ready(self, adapter_name: str) -> bool:
+        return adapter_name in self.learner_nodes and len(self.learner_nodes[adapter_name]) > 0
 
     def add_increment(self, result: torch.Tensor, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         nodes, weight = self.learner_nodes[adapter_name], self.learner_weight[adapter_name]

@@ -13,6 +13,7 @@ from torch import nn
 
 from peft_sparse import sparse, storage
 from peft_sparse.modules import dense_weight, is_linear
+from peft_sparse.tuners import merging
 from peft_sparse.tuners.base import SparseTunerLayer
 
 from . import selection
@@ -171,8 +172,8 @@ class SparseMaskLayer(SparseTunerLayer):
         keep = selection.hard_keep_mask(delta.values, self.sparsemask_settings[adapter_name].num_pruned)
         return delta.indices[keep == 0]
 
-    def ready_adapters(self) -> list[str]:
-        return [a for a in self.active_adapters if a in self.sparsemask_delta and not self.is_pending(a)]
+    def is_ready(self, adapter_name: str) -> bool:
+        return adapter_name in self.sparsemask_delta and not self.is_pending(adapter_name)
 
     def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         active = self.ready_adapters()
@@ -199,15 +200,22 @@ class SparseMaskLayer(SparseTunerLayer):
         delta = self.sparsemask_delta[adapter_name]
         return sparse.scatter_to_dense(delta.indices, self.delta_values(adapter_name).detach().float(), self.shape)
 
-    def _add_to_base(self, adapter_name: str, sign: float) -> None:
-        """A scatter into a float weight (no weight-sized increment); quantized weights use the base routine."""
-        if self.is_quantized:
-            return super()._add_to_base(adapter_name, sign)
+    def merge_increments(self, adapter_name: str) -> dict[str, merging.Increment]:
+        """The support and its values: a merge scatters into the float weight and saves the support's entries
+        only (no weight-sized increment); a mask's values are ``−W`` on its pruned entries."""
         indices = self.sparsemask_delta[adapter_name].indices
-        values = sign * self.delta_values(adapter_name).detach()
-        weight = dense_weight(self.get_base_layer())  # a view: Conv1D stores the transpose
-        rows = torch.div(indices, self.in_features, rounding_mode="floor")
-        weight.index_put_((rows, indices % self.in_features), values.to(weight.dtype), accumulate=True)
+        return {"weight": merging.SparseIncrement(indices, self.delta_values(adapter_name).detach())}
+
+    def refresh_from_base(self, adapter_name: str) -> None:
+        """A mask's increment (``−W`` on its pruned entries) and initial scores come from ``W``: install the same mask
+        again from the restored weight."""
+        settings = self.sparsemask_settings[adapter_name]
+        if settings.mode != "mask":
+            return
+        delta = self.sparsemask_delta[adapter_name]
+        with torch.no_grad():
+            self.install_mask(adapter_name, delta.indices, settings.num_pruned, pruned=self.pruned_indices(adapter_name))
+        self.sparsemask_settings[adapter_name].trainable = settings.trainable
 
     # ---------------------------------------------------------------------------------------- checkpoints
     def write_checkpoint(self, adapter_name, key, entries, config) -> None:
