@@ -56,7 +56,7 @@ from peft_sparse.modules import (
     is_under,
     linear_shape,
 )
-from peft_sparse.tuners import loading, merging, mixed_batch
+from peft_sparse.tuners import combine, loading, merging, mixed_batch
 
 
 # ----------------------------------------------------------------------------------------------------- layers
@@ -211,6 +211,12 @@ class SparseTunerLayer(nn.Module, BaseTunerLayer):
         """``{base parameter name: increment}`` of the adapter (the weight as ``(out, in)``), no gradient."""
         delta = self.get_delta_weight(adapter_name)
         return {} if delta is None else {"weight": delta.detach()}
+
+    def set_increments(self, adapter_name: str, increments: dict[str, torch.Tensor], sources: list[str]) -> None:
+        """The inverse of ``delta_parameters``: make ``adapter_name``'s increments ``increments`` (same layout), on the
+        union of the ``sources``' structure where the method has one (SparseMask's support, Learner nodes). Used by
+        ``add_weighted_adapter``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement set_increments")
 
     # ------------------------------------------------------------------------------------------- merging
     def non_finite_adapters(self, adapter_names: Optional[list[str]] = None) -> list[str]:
@@ -686,6 +692,26 @@ class SparseTunerModel(BaseTuner):
         return super().forward(*args, **kwargs)
 
     # ----------------------------------------------------------------------------------- several adapters at once
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "linear",
+        density: Optional[float] = None,
+        majority_sign_method: str = "total",
+    ) -> None:
+        """Add ``adapter_name``, a weighted combination of ``adapters``, with PEFT LoRA's combination types
+        (``tuners/combine.py``): ``"linear"`` and ``"cat"`` (both the exact sum ``Σ wᵢ Δᵢ`` of the increments),
+        ``"ties"``, ``"dare_linear"``, ``"dare_ties"``, ``"magnitude_prune"`` (PEFT's ``merge_utils`` on the
+        increments; ``density`` in (0, 1], ``majority_sign_method`` for the ties types). The new adapter holds the
+        union of the sources' supports, nodes, modules and heads; it is not active (``set_adapter`` it). A
+        ``ValueError`` where a combination has no meaning (SparseMask masks, configs that disagree, SVD types);
+        nothing is added then."""
+        combine.add_weighted_adapter(
+            self, adapters, weights, adapter_name, combination_type, density, majority_sign_method
+        )
+
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
         """PeftModel's seam for ``adapter_names`` in ``forward`` and ``generate``: a mixed-adapter batch, with PEFT
         LoRA's semantics (``tuners/mixed_batch.py``)."""

@@ -102,6 +102,15 @@ class LearnerLayer(SparseTunerLayer):
             )
         return deltas
 
+    def set_increments(self, adapter_name: str, increments: dict[str, torch.Tensor], sources: list[str]) -> None:
+        """A Learner on the union of the sources' nodes (the same on every projection of an FFN), valued there."""
+        nodes = torch.unique(torch.cat([self.learner_nodes[s] for s in sources]))
+        self.set_nodes(adapter_name, nodes)
+        weight = increments["weight"].to(nodes.device)
+        self.learner_weight[adapter_name].copy_(weight[nodes] if self.role == "up" else weight[:, nodes])
+        if adapter_name in self.learner_bias and "bias" in increments:
+            self.learner_bias[adapter_name].copy_(increments["bias"].to(nodes.device)[nodes])
+
     # ---------------------------------------------------------------------------------------- checkpoints
     def read_checkpoint(self, adapter_name, key, state_dict) -> None:
         """Resize the Learner to its saved nodes, so that PEFT can load the values."""

@@ -200,6 +200,19 @@ class SparseMaskLayer(SparseTunerLayer):
         delta = self.sparsemask_delta[adapter_name]
         return sparse.scatter_to_dense(delta.indices, self.delta_values(adapter_name).detach().float(), self.shape)
 
+    def set_increments(self, adapter_name: str, increments: dict[str, torch.Tensor], sources: list[str]) -> None:
+        """A delta on the union of the sources' supports (blocks of one common size stay blocks), valued there."""
+        union = torch.unique(torch.cat([self.sparsemask_delta[s].indices for s in sources]))
+        sizes = {self.sparsemask_settings[s].block_size for s in sources}
+        settings = self.sparsemask_settings[adapter_name]
+        settings.block_size = sizes.pop() if len(sizes) == 1 else 1
+        settings.density = union.numel() / (self.out_features * self.in_features)
+        settings.pending = False
+        delta = self.sparsemask_delta[adapter_name]
+        delta.block_size = settings.block_size
+        values = increments["weight"].reshape(-1).to(union.device)[union]
+        delta.set_support(union, values=values.to(delta.values.dtype))
+
     def merge_increments(self, adapter_name: str) -> dict[str, merging.Increment]:
         """The support and its values: a merge scatters into the float weight and saves the support's entries
         only (no weight-sized increment); a mask's values are ``−W`` on its pruned entries."""
