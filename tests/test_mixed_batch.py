@@ -192,3 +192,40 @@ def test_each_row_equals_its_adapter_alone_on_a_4bit_base(llama_4bit_dir, tuner)
         mixed = model(input_ids=ids, adapter_names=NAMES).logits
     for row, name in enumerate(NAMES):
         torch.testing.assert_close(mixed[row], alone[name][row], rtol=1e-4, atol=1e-4, msg=f"row {row} ({name})")
+
+
+@pytest.mark.parametrize("tuner", ["sparsemask", "sparsemask-block", "sparsemask-mask"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_folding_sparse_increments_gives_the_sparse_products_rows_and_leaves_the_weights_bit_equal(
+    tuner, arch, monkeypatch
+):
+    """Without autograd, SparseMask's groups fold their support into the float weight for their own product and
+    restore it exactly; with autograd (or folding off) they take base + sparse products: the same rows."""
+    from peft_sparse.tuners.base import SparseTunerLayer
+
+    from test_exact_merge import assert_bit_equal, base_tensors
+
+    model, _ = two_adapters(tuner, arch)
+    ids = make_batch(arch, batch=len(NAMES))["input_ids"]
+    loaded = base_tensors(model)
+    folds = []
+    original = SparseTunerLayer._folded_mixed_batch
+
+    def spy(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        folds.append(out is not None)
+        return out
+
+    monkeypatch.setattr(SparseTunerLayer, "_folded_mixed_batch", spy)
+    with torch.no_grad():
+        folded = model(input_ids=ids, adapter_names=NAMES).logits
+    assert folds and all(folds)
+    assert_bit_equal(model, loaded)
+    folds.clear()
+    products = model(input_ids=ids, adapter_names=NAMES).logits.detach()  # autograd on: no folding
+    monkeypatch.setattr(SparseTunerLayer, "fold_mixed_batches", False)
+    with torch.no_grad():
+        unfolded = model(input_ids=ids, adapter_names=NAMES).logits
+    assert not folds
+    torch.testing.assert_close(folded, products, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(unfolded, products, rtol=0, atol=0)

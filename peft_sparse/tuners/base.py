@@ -114,6 +114,44 @@ class SparseTunerLayer(nn.Module, BaseTunerLayer):
         return [a for a in self.active_adapters if self.is_ready(a)]
 
     # ---------------------------------------------------------------------------------- mixed-adapter batches
+    def _may_fold_mixed_batch(self) -> bool:
+        """A weight may change between the groups' products only where nothing records it: no autograd, a float
+        linear base running no hooks (quantized bases take the sparse products), and no merged adapter."""
+        return (
+            self.fold_mixed_batches and not torch.is_grad_enabled() and not self.merged
+            and is_linear(self.get_base_layer()) and not self.base_runs_own_forward()
+        )
+
+    def _folded_mixed_batch(self, x: torch.Tensor, groups: list[tuple[str, Any]], *args: Any, **kwargs: Any):
+        """Each group's rows through the base layer with the group's adapter merged in place for its product only:
+        the merge saves the support's entries and the restore writes them back, so the weight is bit-equal to what
+        it was after every group (``merging.py``). No sparse product, no weight-sized copy: the dense products add up
+        to one base product. None (the caller takes the sparse products) unless every adapter's weight increment is
+        sparse. Not for several threads running one model at once: each sees the weight of the group in flight."""
+        increments = {a: self.merge_increments(a) for a, _ in groups if a != "__base__" and self.is_ready(a)}
+        if not increments or not all(isinstance(i.get("weight"), merging.SparseIncrement) for i in increments.values()):
+            return None
+        base = self.get_base_layer()
+        whole = len(groups) == 1
+        result = None
+        for adapter, rows in groups:
+            rows = rows if isinstance(rows, slice) else rows.to(x.device)
+            part = x if whole else x[rows]
+            if adapter in increments:
+                saved = {name: self._add_to_base_parameter(name, inc) for name, inc in increments[adapter].items()}
+                try:
+                    out = base(part, *args, **kwargs)
+                finally:
+                    self._restore_saved(saved)
+            else:
+                out = base(part, *args, **kwargs)
+            if whole:
+                return out
+            if result is None:
+                result = out.new_empty((x.shape[0], *out.shape[1:]))
+            result[rows] = out
+        return result
+
     def _check_mixed_batch(self, x: torch.Tensor, adapter_names: list[str]) -> None:
         """PEFT LoRA's checks of ``adapter_names`` (``LoraLayer._check_forward_args``)."""
         if len(x) != len(adapter_names):
@@ -126,15 +164,28 @@ class SparseTunerLayer(nn.Module, BaseTunerLayer):
                 "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
             )
 
+    #: Whether a mixed batch may fold each group's sparse increment into a float weight in place (see
+    #: ``mixed_batch_forward``); False always takes the base product plus sparse products.
+    fold_mixed_batches: bool = True
+
     def mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         """Row ``i`` of the batch with adapter ``adapter_names[i]`` (``"__base__"``: none), PEFT's mixed batch.
 
         The base product runs once for the whole batch; each group of rows then adds its own adapter's increment
         (``add_increment``) on its rows only, so the increments cost one batch's worth in total, whatever the number
         of adapters. Adapters this layer does not hold (or cannot run yet) leave their rows at the base output.
+
+        Sparse weight increments (SparseMask) on a float base, without autograd, take a faster route instead
+        (``_folded_mixed_batch``): on the CPU a sparse product costs a third to a half of the dense one, while
+        scattering a support into the weight costs a few percent of it.
         """
+        groups = _row_groups(adapter_names)
+        if self._may_fold_mixed_batch():
+            folded = self._folded_mixed_batch(x, groups, *args, **kwargs)
+            if folded is not None:
+                return folded
         result = self.base_layer(x, *args, **kwargs)
-        for adapter, rows in _row_groups(adapter_names):
+        for adapter, rows in groups:
             if adapter == "__base__" or not self.is_ready(adapter):
                 continue
             if isinstance(rows, slice) and rows == slice(0, len(adapter_names)):
@@ -315,9 +366,12 @@ class SparseTunerLayer(nn.Module, BaseTunerLayer):
 
     def _restore_base(self, adapter_name: str) -> None:
         """Give the base parameters back what the merge of ``adapter_name`` overwrote."""
+        self._restore_saved(self.merge_saved.pop(adapter_name, {}))
+
+    def _restore_saved(self, saved_entries: dict[str, merging.Saved]) -> None:
         base = self.get_base_layer()
         with torch.no_grad():
-            for name, saved in self.merge_saved.pop(adapter_name, {}).items():
+            for name, saved in saved_entries.items():
                 if isinstance(saved, merging.SavedQuantizedWeight):
                     base.weight = saved.weight
                     if saved.state is not None:
