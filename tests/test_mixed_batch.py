@@ -207,6 +207,7 @@ def test_folding_sparse_increments_gives_the_sparse_products_rows_and_leaves_the
 
     model, _ = two_adapters(tuner, arch)
     ids = make_batch(arch, batch=len(NAMES))["input_ids"]
+    monkeypatch.setattr(SparseTunerLayer, "fold_min_tokens", 2)  # the tiny batch has 7 tokens a row
     loaded = base_tensors(model)
     folds = []
     original = SparseTunerLayer._folded_mixed_batch
