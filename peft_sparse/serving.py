@@ -326,10 +326,17 @@ def _decoded_twin(layer, adapter_name: str, name: str, entries: dict[str, torch.
 
 
 def _commit(layer, twin, adapter_name: str) -> None:
-    """Put the twin's tensors for ``adapter_name`` into the layer. A merged adapter is unmerged exactly first (with
-    the adapters merged after it) and merged again afterwards; fixed-shape tensors are copied in place, so that
-    parameters keep their identity (optimizers, compiled graphs)."""
-    merged_again = layer.unmerge_down_to(adapter_name) if adapter_name in layer.merged_adapters else []
+    """Put the twin's tensors for ``adapter_name`` into the layer; a merged adapter stays merged, exactly
+    (``SparseTunerLayer.swap_merged``)."""
+    if adapter_name in layer.merged_adapters:
+        layer.swap_merged(adapter_name, lambda: _install(layer, twin, adapter_name))
+    else:
+        _install(layer, twin, adapter_name)
+
+
+def _install(layer, twin, adapter_name: str) -> None:
+    """The twin's entries for ``adapter_name`` into the layer's containers; fixed-shape tensors are copied in place,
+    so that parameters keep their identity (optimizers, compiled graphs)."""
     with torch.no_grad():
         for attribute in _holders(layer):
             holder, new = getattr(layer, attribute), getattr(twin, attribute)
@@ -343,6 +350,3 @@ def _commit(layer, twin, adapter_name: str) -> None:
                 old_value.data.copy_(new_value.data)
             else:
                 holder[adapter_name] = new_value
-    if merged_again:
-        layer.refresh_from_base(adapter_name)
-        layer.merge(adapter_names=merged_again)

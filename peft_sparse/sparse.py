@@ -72,6 +72,9 @@ class SparseDelta(nn.Module):
         self.register_buffer("indices", torch.empty(0, dtype=torch.int64, device=device), persistent=False)
         self.values = nn.Parameter(torch.zeros(0, dtype=dtype, device=device))
         self._layout: Optional[tuple[torch.Tensor, int, kernels.SparseLayout]] = None
+        #: The compact checkpoint entry (gap tokens) the support was read from, if any: a checkpoint with the same
+        #: support is then not decoded again (``storage.read_entries``' ``known_support``).
+        self.source_tokens: Optional[torch.Tensor] = None
         self.set_support(indices)
 
     @property
@@ -95,6 +98,7 @@ class SparseDelta(nn.Module):
             new_values.copy_(values)
         self.values = nn.Parameter(new_values, requires_grad=requires_grad)
         self._layout = None
+        self.source_tokens = None
 
     def layout(self) -> kernels.SparseLayout:
         """The support's index arrays (CSR, CSC, block pattern), derived once per support, block size and

@@ -227,3 +227,52 @@ def test_swap_on_a_4bit_base(llama_4bit_dir, tuner, merged, tmp_path):
     if merged:
         model.base_model.unmerge_adapter()
     assert_bit_equal(model, before)
+
+
+def test_a_merged_swap_on_the_same_support_is_one_scatter_per_layer(tmp_path, monkeypatch):
+    """SparseMask adapters of one base share their magnitude supports: a merged swap then rewrites the saved entries
+    plus the new values (merging.rewrite), with no restore and no new merge; other supports take restore + merge."""
+    from peft_sparse.tuners import merging
+
+    same = [saved_adapter(tmp_path, f"same{k}", "llama", SparseMaskConfig(task_type="CAUSAL_LM"), steps=2 + k)
+            for k in range(2)]
+    other = saved_adapter(tmp_path, "other", "llama", SparseMaskConfig(task_type="CAUSAL_LM", selection="random"))
+    rewrites = []
+    monkeypatch.setattr(merging, "rewrite", lambda *a, _f=merging.rewrite: rewrites.append(1) or _f(*a))
+    model = fresh("llama", same[0])
+    loaded = base_tensors(model)
+    model.base_model.merge_adapter()
+    layers = [m for m in model.modules() if isinstance(m, SparseTunerLayer)]
+    supports = [layer.sparsemask_delta["default"].indices for layer in layers]
+    hotswap_adapter(model, same[1])
+    assert len(rewrites) == len(layers)
+    # the saved support equals the installed one: not decoded again, the same tensor (and its cached layout) kept
+    assert all(layer.sparsemask_delta["default"].indices is s for layer, s in zip(layers, supports))
+    batch = make_batch("llama")
+    torch.testing.assert_close(logits(model, batch), logits(fresh("llama", same[1], merged=True), batch), rtol=0, atol=0)
+    rewrites.clear()
+    hotswap_adapter(model, other)
+    assert not rewrites
+    torch.testing.assert_close(logits(model, batch), logits(fresh("llama", other, merged=True), batch), rtol=0, atol=0)
+    model.base_model.unmerge_adapter()
+    assert_bit_equal(model, loaded)
+
+
+def test_swapping_an_adapter_merged_under_another_one(tmp_path):
+    """With ``default`` merged first and ``second`` on top, swapping ``default`` undoes both merges (last first),
+    swaps, and merges both again: exactly what merging the new adapter and ``second`` gives."""
+    a = saved_adapter(tmp_path, "a", "llama", None, tuner="dps")
+    b = saved_adapter(tmp_path, "b", "llama", None, steps=5, tuner="dps")
+    c = saved_adapter(tmp_path, "c", "llama", None, steps=4, lr=2e-2, tuner="dps")
+    model = fresh("llama", a)
+    model.load_adapter(c, adapter_name="second")
+    loaded = base_tensors(model)
+    model.base_model.merge_adapter(["default", "second"])
+    hotswap_adapter(model, b)
+    expected = fresh("llama", b)
+    expected.load_adapter(c, adapter_name="second")
+    expected.base_model.merge_adapter(["default", "second"])
+    batch = make_batch("llama")
+    torch.testing.assert_close(logits(model, batch), logits(expected, batch), rtol=0, atol=0)
+    model.base_model.unmerge_adapter()
+    assert_bit_equal(model, loaded)

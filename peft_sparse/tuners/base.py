@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from peft.config import PeftConfig
@@ -322,6 +322,39 @@ class SparseTunerLayer(nn.Module, BaseTunerLayer):
             self._restore_base(self.merged_adapters.pop())
         return undone
 
+    def swap_merged(self, adapter_name: str, install: Callable[[], None]) -> None:
+        """Replace a merged adapter's tensors (``install()``) and keep it merged, exactly (hot-swap on a merged model).
+
+        Where it is the last merge, its increments are sparse on the same support as before (SparseMask adapters
+        trained with the default magnitude selection share their supports) and nothing of it is read from the base,
+        one scatter per parameter writes the saved base entries plus the new values. Otherwise the layer unmerges
+        down to it (exactly), installs, re-reads what the adapter derives from the base, and merges again.
+        """
+        if self.merged_adapters[-1:] == [adapter_name] and not self.derives_from_base(adapter_name):
+            saved = self.merge_saved[adapter_name]
+            install()
+            new = {name: self._in_storage_layout(name, inc) for name, inc in self.merge_increments(adapter_name).items()}
+            base = self.get_base_layer()
+            if new.keys() == saved.keys() and all(
+                merging.same_support(saved[n], new[n]) and getattr(base, n).is_contiguous() for n in new
+            ):
+                with torch.no_grad():
+                    for name, increment in new.items():
+                        merging.rewrite(getattr(base, name).data, saved[name], increment)
+                return
+            self.merged_adapters.pop()
+            self._restore_base(adapter_name)  # what the old merge saved: independent of the installed tensors
+            self.merge(adapter_names=[adapter_name])
+            return
+        merged_again = self.unmerge_down_to(adapter_name)
+        install()
+        self.refresh_from_base(adapter_name)
+        self.merge(adapter_names=merged_again)
+
+    def derives_from_base(self, adapter_name: str) -> bool:
+        """Whether the adapter's increment is computed from the base weights (SparseMask's masks: ``−W``)."""
+        return False
+
     def refresh_from_base(self, adapter_name: str) -> None:
         """Re-read what ``adapter_name`` derives from the base weights, after a hot-swap decoded it while another
         merge had changed them (nothing, except where a layer reads the base: SparseMask's masks)."""
@@ -364,11 +397,15 @@ class SparseTunerLayer(nn.Module, BaseTunerLayer):
         if name == "bias" and base.bias is None:
             base.bias = nn.Parameter(increment.detach().clone().to(self.adapter_dtype()), requires_grad=False)
             return merging.CreatedBias()
-        if name == "weight" and isinstance(base, Conv1D):  # stored as (in, out): the increment in that layout
-            shape = (self.out_features, self.in_features)
-            transposed = isinstance(increment, merging.SparseIncrement)
-            increment = increment.transposed(shape) if transposed else increment.T
-        return merging.add_saving(getattr(base, name).data, increment)
+        return merging.add_saving(getattr(base, name).data, self._in_storage_layout(name, increment))
+
+    def _in_storage_layout(self, name: str, increment: merging.Increment) -> merging.Increment:
+        """A linear weight's increment in the layout the base stores the weight in (GPT-2's Conv1D: ``(in, out)``)."""
+        if name != "weight" or self.is_quantized or not isinstance(self.get_base_layer(), Conv1D):
+            return increment
+        if isinstance(increment, merging.SparseIncrement):
+            return increment.transposed((self.out_features, self.in_features))
+        return increment.T
 
     def _restore_base(self, adapter_name: str) -> None:
         """Give the base parameters back what the merge of ``adapter_name`` overwrote."""

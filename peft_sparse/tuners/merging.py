@@ -123,6 +123,20 @@ def add_saving(tensor: torch.Tensor, increment: Increment) -> SavedEntries:
     return saved
 
 
+def same_support(saved: "Saved", increment: Increment) -> bool:
+    """Whether ``increment`` is sparse on exactly the entries ``saved`` holds (a swap can then rewrite them)."""
+    if not (isinstance(saved, SavedEntries) and saved.region == "flat" and isinstance(increment, SparseIncrement)):
+        return False
+    index = increment.indices
+    return saved.index is index or (saved.index.shape == index.shape and bool(torch.equal(saved.index, index)))
+
+
+def rewrite(tensor: torch.Tensor, saved: SavedEntries, increment: SparseIncrement) -> None:
+    """Set the saved entries of contiguous ``tensor`` to their saved (base) values plus ``increment``: an exact swap
+    of one merged sparse increment for another on the same support, in one scatter."""
+    tensor.view(-1).scatter_(0, saved.index, saved.values + increment.values.to(tensor.dtype))
+
+
 def _changed_region(delta: torch.Tensor) -> tuple[str, Optional[torch.Tensor]]:
     """The cheapest region to save that covers every non-zero entry of ``delta``."""
     nonzero = delta != 0

@@ -219,6 +219,9 @@ class SparseMaskLayer(SparseTunerLayer):
         indices = self.sparsemask_delta[adapter_name].indices
         return {"weight": merging.SparseIncrement(indices, self.delta_values(adapter_name).detach())}
 
+    def derives_from_base(self, adapter_name: str) -> bool:
+        return self.sparsemask_settings[adapter_name].mode == "mask"
+
     def refresh_from_base(self, adapter_name: str) -> None:
         """A mask's increment (``−W`` on its pruned entries) and initial scores come from ``W``: install the same mask
         again from the restored weight."""
@@ -255,7 +258,9 @@ class SparseMaskLayer(SparseTunerLayer):
         set its config gives, plus the saved entries, with fresh scores that reproduce the saved mask, so that
         training can change it."""
         stored = f"{key}.sparsemask_delta"  # entries are saved without the adapter name
-        saved = storage.read_entries(state_dict, stored, self.shape)
+        delta = self.sparsemask_delta[adapter_name]
+        known = None if delta.source_tokens is None else (delta.source_tokens, delta.indices)
+        saved = storage.read_entries(state_dict, stored, self.shape, known_support=known)
         values_key = f"{key}.sparsemask_delta.{adapter_name}.values"
         settings = self.sparsemask_settings[adapter_name]
         if settings.mode == "mask":
@@ -273,9 +278,11 @@ class SparseMaskLayer(SparseTunerLayer):
         if "indices" not in saved:
             raise ValueError("no support is saved for this delta-mode adapter")
         indices = saved["indices"]
-        if settings.block_size > 1:
-            indices = selection.block_support(indices, self.shape, settings.block_size)
-        self.sparsemask_delta[adapter_name].set_support(indices)
+        if "unchanged" not in saved:  # (a support equal to the installed one stays, its layout cached)
+            if settings.block_size > 1:
+                indices = selection.block_support(indices, self.shape, settings.block_size)
+            delta.set_support(indices)
+            delta.source_tokens = saved["support"]
         if indices.numel():  # an empty support was saved before calibrate(): the adapter still waits for it
             settings.pending = False
 
