@@ -31,6 +31,7 @@ from peft_sparse.tuners import (  # noqa: E402
     SparseMaskModel,
 )
 from peft_sparse.calibration import CalibrationRequiredError  # noqa: E402
+from peft_sparse.serving import hotswap_adapter, hotswap_adapter_from_state_dict  # noqa: E402
 
 __all__ = [
     "BitFitConfig",
@@ -47,5 +48,7 @@ __all__ = [
     "SparseTrainerCallback",
     "calibrate",
     "check_sharding",
+    "hotswap_adapter",
+    "hotswap_adapter_from_state_dict",
     "requires_calibration",
 ]

@@ -127,6 +127,10 @@ def find_tuner(model: nn.Module) -> Optional[nn.Module]:
     from accelerate.utils import extract_model_from_parallel
     from peft.tuners.tuners_utils import BaseTuner
 
+    if isinstance(model, BaseTuner):
+        return model
+    if isinstance(getattr(model, "base_model", None), BaseTuner):  # a PeftModel: no search through the wrappers
+        return model.base_model
     model = extract_model_from_parallel(model, keep_torch_compile=False)
     if isinstance(model, BaseTuner):
         return model

@@ -72,6 +72,9 @@ class SparseDelta(nn.Module):
         self.register_buffer("indices", torch.empty(0, dtype=torch.int64, device=device), persistent=False)
         self.values = nn.Parameter(torch.zeros(0, dtype=dtype, device=device))
         self._layout: Optional[tuple[torch.Tensor, int, kernels.SparseLayout]] = None
+        #: The compact checkpoint entry (gap tokens) the support was read from, if any: a checkpoint with the same
+        #: support is then not decoded again (``storage.read_entries``' ``known_support``).
+        self.source_tokens: Optional[torch.Tensor] = None
         self.set_support(indices)
 
     @property
@@ -82,10 +85,10 @@ class SparseDelta(nn.Module):
         """Install a new support (sorted, unique flat indices) with zero values, or the given ones."""
         indices = indices.to(device=self.values.device, dtype=torch.int64)
         total = self.shape[0] * self.shape[1]
-        if indices.numel() and (indices.min() < 0 or indices.max() >= total):
-            raise ValueError(f"support indices fall outside the {self.shape} weight")
         if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
             raise ValueError("support indices must be sorted and unique")
+        if indices.numel() and (int(indices[0]) < 0 or int(indices[-1]) >= total):  # sorted: the ends bound it
+            raise ValueError(f"support indices fall outside the {self.shape} weight")
         if values is not None and values.shape != indices.shape:
             raise ValueError(f"{values.numel()} values for a support of {indices.numel()} entries")
         self.indices = indices
@@ -95,6 +98,7 @@ class SparseDelta(nn.Module):
             new_values.copy_(values)
         self.values = nn.Parameter(new_values, requires_grad=requires_grad)
         self._layout = None
+        self.source_tokens = None
 
     def layout(self) -> kernels.SparseLayout:
         """The support's index arrays (CSR, CSC, block pattern), derived once per support, block size and
@@ -148,9 +152,12 @@ def encode_indices(indices: torch.Tensor) -> torch.Tensor:
 
 def decode_indices(tokens: torch.Tensor) -> torch.Tensor:
     """Inverse of ``encode_indices``: int16 gap tokens -> sorted flat int64 indices."""
-    unsigned = tokens.to(torch.int64) & 0xFFFF
+    unsigned = tokens.to(torch.int64).bitwise_and_(0xFFFF)
     positions = unsigned.cumsum(0)
-    return positions[unsigned != _ESCAPE]
+    escapes = unsigned == _ESCAPE
+    if not bool(escapes.any()):  # the common case: every position is an entry
+        return positions
+    return positions[~escapes]
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:

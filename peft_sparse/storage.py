@@ -67,13 +67,19 @@ def mask_entries(key: str, pruned: torch.Tensor, shape: tuple[int, int]) -> dict
 
 
 def read_entries(
-    state_dict: dict[str, torch.Tensor], key: str, shape: tuple[int, int], keep_values: bool = True
+    state_dict: dict[str, torch.Tensor],
+    key: str,
+    shape: tuple[int, int],
+    keep_values: bool = True,
+    known_support: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> dict[str, torch.Tensor]:
     """Pop the entries saved under ``key`` (with or without PEFT's ``base_model.model.`` prefix).
 
-    Returns ``{"indices": ..., ["values": ...]}`` for a sparse tensor or ``{"pruned": ...}`` for a mask, and
-    raises ``ValueError`` when nothing is saved under ``key`` or it was saved from another shape. With
-    ``keep_values`` the values stay in ``state_dict`` for PEFT's own loading.
+    Returns ``{"indices": ..., "support": gap tokens, ["values": ...]}`` for a sparse tensor or ``{"pruned": ...}``
+    for a mask, and raises ``ValueError`` when nothing is saved under ``key`` or it was saved from another shape.
+    With ``keep_values`` the values stay in ``state_dict`` for PEFT's own loading. ``known_support``: ``(tokens,
+    what they were installed as)``; a saved support equal to ``tokens`` is not decoded again, ``"indices"`` is then
+    the second tensor and ``"unchanged"`` is present (a hot-swap between adapters that share a support).
     """
     found: dict[str, torch.Tensor] = {}
     for kind in KINDS:
@@ -93,7 +99,12 @@ def read_entries(
         return {"pruned": torch.nonzero(sparse.unpack_bits(found["mask"], total)).flatten()}
     if "pruned" in found:
         return {"pruned": _checked_indices(key, "pruned", sparse.decode_indices(found["pruned"]), shape)}
-    result = {"indices": _checked_indices(key, "support", sparse.decode_indices(found["support"]), shape)}
+    tokens = found["support"]
+    known = known_support[0] if known_support is not None else None
+    if known is not None and known.shape == tokens.shape and known.device == tokens.device and torch.equal(known, tokens):
+        result = {"indices": known_support[1], "support": tokens, "unchanged": tokens}
+    else:
+        result = {"indices": _checked_indices(key, "support", sparse.decode_indices(tokens), shape), "support": tokens}
     if "values" in found:
         result["values"] = found["values"]
     return result

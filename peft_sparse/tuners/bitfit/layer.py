@@ -47,5 +47,8 @@ class BitFitLayer(SparseTunerLayer):
         """The bias increment (merging creates the bias where the layer has none)."""
         return {"bias": self.bitfit_bias[adapter_name].detach()}
 
+    def set_increments(self, adapter_name: str, increments: dict[str, torch.Tensor], sources: list[str]) -> None:
+        self.bitfit_bias[adapter_name].copy_(increments["bias"])
+
     def __repr__(self) -> str:
         return "bitfit." + super().__repr__()

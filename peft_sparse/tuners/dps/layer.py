@@ -135,6 +135,11 @@ class DPSLayer(SparseTunerLayer):
             deltas["bias"] = self.dps_bias[adapter_name].detach()
         return deltas
 
+    def set_increments(self, adapter_name: str, increments: dict[str, torch.Tensor], sources: list[str]) -> None:
+        self.dps_delta[adapter_name].copy_(increments["weight"])
+        if adapter_name in self.dps_bias and "bias" in increments:
+            self.dps_bias[adapter_name].copy_(increments["bias"])
+
     # ---------------------------------------------------------------------------------------- schedule
     def has_gradient(self, adapter: str) -> bool:
         grad = self.dps_delta[adapter].grad

@@ -119,5 +119,12 @@ class LayerSelectLayer(SparseTunerLayer):
             deltas["weight"] = self.get_delta_weight(adapter_name).detach()
         return deltas
 
+    def set_increments(self, adapter_name: str, increments: dict[str, torch.Tensor], sources: list[str]) -> None:
+        """Every parameter's increment (a linear weight's given as ``(out, in)``, stored as the base stores it)."""
+        deltas = self.layerselect_delta[adapter_name]
+        for name, value in increments.items():
+            transpose = name == "weight" and isinstance(self.get_base_layer(), Conv1D) and not self.is_quantized
+            deltas[name].copy_(value.T if transpose else value)
+
     def __repr__(self) -> str:
         return "layerselect." + super().__repr__()

@@ -72,8 +72,8 @@ class LearnerLayer(SparseTunerLayer):
             self.learner_bias[adapter_name] = nn.Parameter(bias, requires_grad=requires_grad)
 
     # ----------------------------------------------------------------------------------------- forward
-    def ready_adapters(self) -> list[str]:
-        return [a for a in self.active_adapters if a in self.learner_nodes and len(self.learner_nodes[a]) > 0]
+    def is_ready(self, adapter_name: str) -> bool:
+        return adapter_name in self.learner_nodes and len(self.learner_nodes[adapter_name]) > 0
 
     def add_increment(self, result: torch.Tensor, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         nodes, weight = self.learner_nodes[adapter_name], self.learner_weight[adapter_name]
@@ -101,6 +101,15 @@ class LearnerLayer(SparseTunerLayer):
                 0, self.learner_nodes[adapter_name], bias
             )
         return deltas
+
+    def set_increments(self, adapter_name: str, increments: dict[str, torch.Tensor], sources: list[str]) -> None:
+        """A Learner on the union of the sources' nodes (the same on every projection of an FFN), valued there."""
+        nodes = torch.unique(torch.cat([self.learner_nodes[s] for s in sources]))
+        self.set_nodes(adapter_name, nodes)
+        weight = increments["weight"].to(nodes.device)
+        self.learner_weight[adapter_name].copy_(weight[nodes] if self.role == "up" else weight[:, nodes])
+        if adapter_name in self.learner_bias and "bias" in increments:
+            self.learner_bias[adapter_name].copy_(increments["bias"].to(nodes.device)[nodes])
 
     # ---------------------------------------------------------------------------------------- checkpoints
     def read_checkpoint(self, adapter_name, key, state_dict) -> None:

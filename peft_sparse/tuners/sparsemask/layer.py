@@ -13,6 +13,7 @@ from torch import nn
 
 from peft_sparse import sparse, storage
 from peft_sparse.modules import dense_weight, is_linear
+from peft_sparse.tuners import merging
 from peft_sparse.tuners.base import SparseTunerLayer
 
 from . import selection
@@ -171,8 +172,8 @@ class SparseMaskLayer(SparseTunerLayer):
         keep = selection.hard_keep_mask(delta.values, self.sparsemask_settings[adapter_name].num_pruned)
         return delta.indices[keep == 0]
 
-    def ready_adapters(self) -> list[str]:
-        return [a for a in self.active_adapters if a in self.sparsemask_delta and not self.is_pending(a)]
+    def is_ready(self, adapter_name: str) -> bool:
+        return adapter_name in self.sparsemask_delta and not self.is_pending(adapter_name)
 
     def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         active = self.ready_adapters()
@@ -200,15 +201,38 @@ class SparseMaskLayer(SparseTunerLayer):
         delta = self.sparsemask_delta[adapter_name]
         return sparse.scatter_to_dense(delta.indices, self.delta_values(adapter_name).detach().float(), self.shape)
 
-    def _add_to_base(self, adapter_name: str, sign: float) -> None:
-        """A scatter into a float weight (no weight-sized increment); quantized weights use the base routine."""
-        if self.is_quantized:
-            return super()._add_to_base(adapter_name, sign)
+    def set_increments(self, adapter_name: str, increments: dict[str, torch.Tensor], sources: list[str]) -> None:
+        """A delta on the union of the sources' supports (blocks of one common size stay blocks), valued there."""
+        union = torch.unique(torch.cat([self.sparsemask_delta[s].indices for s in sources]))
+        sizes = {self.sparsemask_settings[s].block_size for s in sources}
+        settings = self.sparsemask_settings[adapter_name]
+        settings.block_size = sizes.pop() if len(sizes) == 1 else 1
+        settings.density = union.numel() / (self.out_features * self.in_features)
+        settings.pending = False
+        delta = self.sparsemask_delta[adapter_name]
+        delta.block_size = settings.block_size
+        values = increments["weight"].reshape(-1).to(union.device)[union]
+        delta.set_support(union, values=values.to(delta.values.dtype))
+
+    def merge_increments(self, adapter_name: str) -> dict[str, merging.Increment]:
+        """The support and its values: a merge scatters into the float weight and saves the support's entries
+        only (no weight-sized increment); a mask's values are ``−W`` on its pruned entries."""
         indices = self.sparsemask_delta[adapter_name].indices
-        values = sign * self.delta_values(adapter_name).detach()
-        weight = dense_weight(self.get_base_layer())  # a view: Conv1D stores the transpose
-        rows = torch.div(indices, self.in_features, rounding_mode="floor")
-        weight.index_put_((rows, indices % self.in_features), values.to(weight.dtype), accumulate=True)
+        return {"weight": merging.SparseIncrement(indices, self.delta_values(adapter_name).detach())}
+
+    def derives_from_base(self, adapter_name: str) -> bool:
+        return self.sparsemask_settings[adapter_name].mode == "mask"
+
+    def refresh_from_base(self, adapter_name: str) -> None:
+        """A mask's increment (``−W`` on its pruned entries) and initial scores come from ``W``: install the same mask
+        again from the restored weight."""
+        settings = self.sparsemask_settings[adapter_name]
+        if settings.mode != "mask":
+            return
+        delta = self.sparsemask_delta[adapter_name]
+        with torch.no_grad():
+            self.install_mask(adapter_name, delta.indices, settings.num_pruned, pruned=self.pruned_indices(adapter_name))
+        self.sparsemask_settings[adapter_name].trainable = settings.trainable
 
     # ---------------------------------------------------------------------------------------- checkpoints
     def write_checkpoint(self, adapter_name, key, entries, config) -> None:
@@ -235,7 +259,9 @@ class SparseMaskLayer(SparseTunerLayer):
         set its config gives, plus the saved entries, with fresh scores that reproduce the saved mask, so that
         training can change it."""
         stored = f"{key}.sparsemask_delta"  # entries are saved without the adapter name
-        saved = storage.read_entries(state_dict, stored, self.shape)
+        delta = self.sparsemask_delta[adapter_name]
+        known = None if delta.source_tokens is None else (delta.source_tokens, delta.indices)
+        saved = storage.read_entries(state_dict, stored, self.shape, known_support=known)
         values_key = f"{key}.sparsemask_delta.{adapter_name}.values"
         settings = self.sparsemask_settings[adapter_name]
         if settings.mode == "mask":
@@ -253,9 +279,11 @@ class SparseMaskLayer(SparseTunerLayer):
         if "indices" not in saved:
             raise ValueError("no support is saved for this delta-mode adapter")
         indices = saved["indices"]
-        if settings.block_size > 1:
-            indices = selection.block_support(indices, self.shape, settings.block_size)
-        self.sparsemask_delta[adapter_name].set_support(indices)
+        if "unchanged" not in saved:  # (a support equal to the installed one stays, its layout cached)
+            if settings.block_size > 1:
+                indices = selection.block_support(indices, self.shape, settings.block_size)
+            delta.set_support(indices)
+            delta.source_tokens = saved["support"]
         if indices.numel():  # an empty support was saved before calibrate(): the adapter still waits for it
             settings.pending = False
 
