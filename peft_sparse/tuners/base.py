@@ -2,9 +2,11 @@
 
 ``SparseTunerLayer`` (a PEFT ``BaseTunerLayer``): the disabled / merged forward; the "base output plus each
 adapter's increment" forward (``add_increment``), which quantized and hooked bases take and which a layer that folds
-its increment into the weight overrides; ``get_delta_weight`` and the one merge routine (read the base parameter,
-dequantizing a quantized weight, add, write back, re-quantizing); the dtype adapters train in; and the hooks through
-which each layer writes and reads its own checkpoint entries.
+its increment into the weight overrides; the mixed-adapter batch (``adapter_names=``: the base product once, each
+row group's increment on its rows; ``tuners/mixed_batch.py`` passes the names); ``get_delta_weight`` and the one
+merge routine (read the base parameter, dequantizing a quantized weight, add, write back, re-quantizing), which
+saves what it overwrites so that unmerging is exact (``tuners/merging.py``); the dtype adapters train in; and the
+hooks through which each layer writes and reads its own checkpoint entries (also for hot-swap, ``serving.py``).
 
 ``SparseTunerModel`` (a PEFT ``BaseTuner``) adds what a demanding PEFT user expects and PEFT leaves to each
 method:
@@ -19,7 +21,9 @@ method:
   itself is in ``peft_sparse/calibration.py``);
 * ``merge_and_unload(safe_merge=True)`` checks every layer before it merges any;
 * ``set_total_steps`` / ``update_and_allocate`` on every tuner (no-ops where nothing is scheduled), so that a
-  training loop written for one peft_sparse method runs with any other.
+  training loop written for one peft_sparse method runs with any other;
+* mixed-adapter batches in ``forward`` and ``generate`` (``_enable_peft_forward_hooks``) and
+  ``add_weighted_adapter`` (``tuners/combine.py``), with PEFT LoRA's semantics.
 """
 
 from __future__ import annotations
@@ -184,7 +188,7 @@ class SparseTunerLayer(nn.Module, BaseTunerLayer):
         of 64+ tokens costs a third to a half of the dense one, while scattering a support into the weight costs a
         few percent of it.
         """
-        groups = _row_groups(adapter_names)
+        groups = mixed_batch.row_groups(adapter_names)
         tokens_per_group = x.numel() // max(1, x.shape[-1] * len(groups))
         if tokens_per_group >= self.fold_min_tokens and self._may_fold_mixed_batch():
             folded = self._folded_mixed_batch(x, groups, *args, **kwargs)
@@ -437,19 +441,6 @@ class SparseTunerLayer(nn.Module, BaseTunerLayer):
 
 
 # ------------------------------------------------------------------------------------------------ tuner model
-
-
-def _row_groups(adapter_names: list[str]) -> list[tuple[str, Any]]:
-    """``(adapter, rows)`` for each adapter named in a mixed batch, in order of first appearance; ``rows`` is a
-    slice where the adapter's rows are contiguous (a view, no gather), otherwise an index tensor."""
-    positions: dict[str, list[int]] = {}
-    for row, name in enumerate(adapter_names):
-        positions.setdefault(name, []).append(row)
-    groups = []
-    for name, rows in positions.items():
-        contiguous = rows[-1] - rows[0] + 1 == len(rows)
-        groups.append((name, slice(rows[0], rows[-1] + 1) if contiguous else torch.tensor(rows)))
-    return groups
 
 
 def _parameters_created_on_meta() -> bool:
