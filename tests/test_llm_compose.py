@@ -5,7 +5,6 @@ resuming (a rerun runs nothing), and the report with evidence.py's verdicts. The
 from __future__ import annotations
 
 import importlib.util
-import json
 import random
 from pathlib import Path
 

@@ -52,7 +52,6 @@ from peft_sparse import distributed
 from peft_sparse.calibration import CalibrationRequiredError, CalibrationSession
 from peft_sparse.modules import (
     block_index,
-    dense_weight,
     find_layer_stack,
     head_module_names,
     is_linear,
@@ -75,6 +74,14 @@ class SparseTunerLayer(nn.Module, BaseTunerLayer):
     (``_add_to_base_parameter``). Layers with a compact checkpoint format override ``write_checkpoint`` /
     ``read_checkpoint``.
     """
+
+    #: Whether a mixed batch may fold each group's sparse increment into a float weight in place (see
+    #: ``mixed_batch_forward``); False always takes the base product plus sparse products.
+    fold_mixed_batches: bool = True
+    #: Fewest tokens per row group for folding: below it (generation's one token a row) a group's sparse product
+    #: costs less than the gather and two scatters of a fold plus the smaller products (crossover measured at 16-32
+    #: tokens on SmolLM2's projections, 2 CPU threads).
+    fold_min_tokens: int = 32
 
     def _init_tuner_layer(self, base_layer: nn.Module, adapter_name: str) -> None:
         self.base_layer = base_layer
@@ -167,14 +174,6 @@ class SparseTunerLayer(nn.Module, BaseTunerLayer):
             raise ValueError(
                 "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
             )
-
-    #: Whether a mixed batch may fold each group's sparse increment into a float weight in place (see
-    #: ``mixed_batch_forward``); False always takes the base product plus sparse products.
-    fold_mixed_batches: bool = True
-    #: Fewest tokens per row group for folding: below it (generation's one token a row) a group's sparse product
-    #: costs less than the gather and two scatters of a fold plus the smaller products (crossover measured at 16-32
-    #: tokens on SmolLM2's projections, 2 CPU threads).
-    fold_min_tokens: int = 32
 
     def mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         """Row ``i`` of the batch with adapter ``adapter_names[i]`` (``"__base__"``: none), PEFT's mixed batch.
@@ -379,7 +378,6 @@ class SparseTunerLayer(nn.Module, BaseTunerLayer):
                 "Gather the adapter first (save_pretrained from the gathered state dict, then load it in one "
                 "process) and merge there."
             )
-
 
     def _add_to_base_parameter(self, name: str, increment: merging.Increment) -> merging.Saved:
         """Add ``increment`` to the base layer's parameter ``name`` and return what it overwrote: the one merge
