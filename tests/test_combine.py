@@ -5,8 +5,6 @@ merges like any other; combinations without a meaning are refused with a reason,
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from peft import PeftModel, get_peft_model

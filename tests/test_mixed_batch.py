@@ -96,19 +96,23 @@ def test_generate_gives_each_row_its_adapter(tuner, arch, num_beams):
     model, reference = two_adapters(tuner, arch)
     names = ["other", "__base__", "default"]
     ids = make_batch(arch, batch=len(names), seq=5, seed=3)["input_ids"]
-    settings = dict(max_new_tokens=6, do_sample=False, num_beams=num_beams, pad_token_id=0)
+    settings = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, num_beams=num_beams, pad_token_id=0,
+                    output_scores=True, return_dict_in_generate=True)
     with torch.no_grad():
         mixed = model.generate(input_ids=ids, adapter_names=names, **settings)
-        expected = []
         for row, name in enumerate(names):
             if name == "__base__":
-                expected.append(reference.generate(input_ids=ids[row : row + 1], **settings)[0])
+                alone = reference.generate(input_ids=ids[row : row + 1], **settings)
             else:
                 model.set_adapter(name)
-                expected.append(model.generate(input_ids=ids[row : row + 1], **settings)[0])
+                alone = model.generate(input_ids=ids[row : row + 1], **settings)
+            assert torch.equal(mixed.sequences[row], alone.sequences[0]), (row, name)
+            if num_beams == 1:  # every step's logits of the row, not only the argmax
+                got, want = torch.stack([s[row] for s in mixed.scores]), torch.stack([s[0] for s in alone.scores])
+            else:
+                got, want = mixed.sequences_scores[row], alone.sequences_scores[0]
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"row {row} ({name})")
     model.set_adapter("default")
-    for row, tokens in enumerate(expected):
-        assert torch.equal(mixed[row, : len(tokens)], tokens), (row, names[row])
 
 
 @pytest.mark.parametrize("tuner", ["sparsemask", "dps", "learner"])
@@ -230,3 +234,67 @@ def test_folding_sparse_increments_gives_the_sparse_products_rows_and_leaves_the
     assert not folds
     torch.testing.assert_close(folded, products, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(unfolded, products, rtol=0, atol=0)
+
+
+def test_beam_search_on_an_encoder_decoder_keeps_the_encoders_rows():
+    """Under beam search the decoder sees each row ``num_beams`` times and the encoder once (PEFT LoRA's handling):
+    the encoder's layers get the original names, the decoder's the repeated ones."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    from peft_sparse import SparseMaskConfig
+
+    torch.manual_seed(0)
+    config = BartConfig(vocab_size=64, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=24, decoder_ffn_dim=24, max_position_embeddings=32,
+                        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)
+    base = BartForConditionalGeneration(config).eval()
+    reference = copy.deepcopy(base)
+    sparse = lambda: SparseMaskConfig(task_type="SEQ_2_SEQ_LM", density=0.2, target_modules=["q_proj", "v_proj", "fc1"])  # noqa: E731
+    model = get_peft_model(base, sparse())
+    model.add_adapter("other", sparse())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "sparsemask_delta" in name:
+                param.normal_(0, 0.5)
+    model.eval()
+    ids = torch.randint(3, 64, (3, 6), generator=torch.Generator().manual_seed(0))
+    names = ["other", "__base__", "default"]
+    settings = dict(max_new_tokens=4, min_new_tokens=4, num_beams=2, do_sample=False, output_scores=True,
+                    return_dict_in_generate=True)
+    with torch.no_grad():
+        mixed = model.generate(input_ids=ids, adapter_names=names, **settings)
+        for row, name in enumerate(names):
+            if name == "__base__":
+                alone = reference.generate(input_ids=ids[row : row + 1], **settings)
+            else:
+                model.set_adapter(name)
+                alone = model.generate(input_ids=ids[row : row + 1], **settings)
+            assert torch.equal(mixed.sequences[row], alone.sequences[0])
+            torch.testing.assert_close(mixed.sequences_scores[row], alone.sequences_scores[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tuner", ["bitfit", "sparsemask", "sparsemask-mask", "dps", "learner", "layerselect"])
+def test_generate_gives_each_row_its_adapter_on_a_4bit_base(llama_4bit_dir, tuner):
+    model = get_peft_model(load_4bit(llama_4bit_dir), config_for(tuner, "llama"))
+    train(model, "llama", steps=2, lr=5e-2)
+    model.add_adapter("other", config_for(tuner, "llama"))
+    model.set_adapter("other")
+    train(model, "llama", steps=3, lr=8e-2)
+    model.set_adapter("default")
+    model.eval()
+    names = ["other", "__base__", "default"]
+    ids = make_batch("llama", batch=len(names), seq=5, seed=3)["input_ids"]
+    settings = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0, output_scores=True,
+                    return_dict_in_generate=True)
+    with torch.no_grad():
+        mixed = model.generate(input_ids=ids, adapter_names=names, **settings)
+        for row, name in enumerate(names):
+            if name == "__base__":
+                with model.disable_adapter():
+                    alone = model.generate(input_ids=ids[row : row + 1], **settings)
+            else:
+                model.set_adapter(name)
+                alone = model.generate(input_ids=ids[row : row + 1], **settings)
+            assert torch.equal(mixed.sequences[row], alone.sequences[0]), (row, name)
+            first = torch.stack([s[row] for s in mixed.scores])  # every step's logits of this row
+            torch.testing.assert_close(first, torch.stack([s[0] for s in alone.scores]), rtol=1e-4, atol=1e-4)

@@ -2,9 +2,11 @@
 
 ``SparseTunerLayer`` (a PEFT ``BaseTunerLayer``): the disabled / merged forward; the "base output plus each
 adapter's increment" forward (``add_increment``), which quantized and hooked bases take and which a layer that folds
-its increment into the weight overrides; ``get_delta_weight`` and the one merge routine (read the base parameter,
-dequantizing a quantized weight, add, write back, re-quantizing); the dtype adapters train in; and the hooks through
-which each layer writes and reads its own checkpoint entries.
+its increment into the weight overrides; the mixed-adapter batch (``adapter_names=``: the base product once, each
+row group's increment on its rows; ``tuners/mixed_batch.py`` passes the names); ``get_delta_weight`` and the one
+merge routine (read the base parameter, dequantizing a quantized weight, add, write back, re-quantizing), which
+saves what it overwrites so that unmerging is exact (``tuners/merging.py``); the dtype adapters train in; and the
+hooks through which each layer writes and reads its own checkpoint entries (also for hot-swap, ``serving.py``).
 
 ``SparseTunerModel`` (a PEFT ``BaseTuner``) adds what a demanding PEFT user expects and PEFT leaves to each
 method:
@@ -19,7 +21,9 @@ method:
   itself is in ``peft_sparse/calibration.py``);
 * ``merge_and_unload(safe_merge=True)`` checks every layer before it merges any;
 * ``set_total_steps`` / ``update_and_allocate`` on every tuner (no-ops where nothing is scheduled), so that a
-  training loop written for one peft_sparse method runs with any other.
+  training loop written for one peft_sparse method runs with any other;
+* mixed-adapter batches in ``forward`` and ``generate`` (``_enable_peft_forward_hooks``) and
+  ``add_weighted_adapter`` (``tuners/combine.py``), with PEFT LoRA's semantics.
 """
 
 from __future__ import annotations
@@ -48,7 +52,6 @@ from peft_sparse import distributed, quantized
 from peft_sparse.calibration import CalibrationRequiredError, CalibrationSession
 from peft_sparse.modules import (
     block_index,
-    dense_weight,
     find_layer_stack,
     first_of,
     head_module_names,
@@ -73,6 +76,14 @@ class SparseTunerLayer(nn.Module, BaseTunerLayer):
     (``_add_to_base_parameter``). Layers with a compact checkpoint format override ``write_checkpoint`` /
     ``read_checkpoint``.
     """
+
+    #: Whether a mixed batch may fold each group's sparse increment into a float weight in place (see
+    #: ``mixed_batch_forward``); False always takes the base product plus sparse products.
+    fold_mixed_batches: bool = True
+    #: Fewest tokens per row group for folding: below it (generation's one token a row) a group's sparse product
+    #: costs less than the gather and two scatters of a fold plus the smaller products (crossover measured at 16-32
+    #: tokens on SmolLM2's projections, 2 CPU threads).
+    fold_min_tokens: int = 32
 
     def _init_tuner_layer(self, base_layer: nn.Module, adapter_name: str) -> None:
         self.base_layer = base_layer
@@ -166,14 +177,6 @@ class SparseTunerLayer(nn.Module, BaseTunerLayer):
                 "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
             )
 
-    #: Whether a mixed batch may fold each group's sparse increment into a float weight in place (see
-    #: ``mixed_batch_forward``); False always takes the base product plus sparse products.
-    fold_mixed_batches: bool = True
-    #: Fewest tokens per row group for folding: below it (generation's one token a row) a group's sparse product
-    #: costs less than the gather and two scatters of a fold plus the smaller products (crossover measured at 16-32
-    #: tokens on SmolLM2's projections, 2 CPU threads).
-    fold_min_tokens: int = 32
-
     def mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         """Row ``i`` of the batch with adapter ``adapter_names[i]`` (``"__base__"``: none), PEFT's mixed batch.
 
@@ -186,7 +189,7 @@ class SparseTunerLayer(nn.Module, BaseTunerLayer):
         of 64+ tokens costs a third to a half of the dense one, while scattering a support into the weight costs a
         few percent of it.
         """
-        groups = _row_groups(adapter_names)
+        groups = mixed_batch.row_groups(adapter_names)
         tokens_per_group = x.numel() // max(1, x.shape[-1] * len(groups))
         if tokens_per_group >= self.fold_min_tokens and self._may_fold_mixed_batch():
             folded = self._folded_mixed_batch(x, groups, *args, **kwargs)
@@ -399,7 +402,6 @@ class SparseTunerLayer(nn.Module, BaseTunerLayer):
                 "process) and merge there."
             )
 
-
     def _add_to_base_parameter(self, name: str, increment: merging.Increment) -> merging.Saved:
         """Add ``increment`` to the base layer's parameter ``name`` and return what it overwrote: the one merge
         routine.
@@ -460,19 +462,6 @@ class SparseTunerLayer(nn.Module, BaseTunerLayer):
 
 
 # ------------------------------------------------------------------------------------------------ tuner model
-
-
-def _row_groups(adapter_names: list[str]) -> list[tuple[str, Any]]:
-    """``(adapter, rows)`` for each adapter named in a mixed batch, in order of first appearance; ``rows`` is a
-    slice where the adapter's rows are contiguous (a view, no gather), otherwise an index tensor."""
-    positions: dict[str, list[int]] = {}
-    for row, name in enumerate(adapter_names):
-        positions.setdefault(name, []).append(row)
-    groups = []
-    for name, rows in positions.items():
-        contiguous = rows[-1] - rows[0] + 1 == len(rows)
-        groups.append((name, slice(rows[0], rows[-1] + 1) if contiguous else torch.tensor(rows)))
-    return groups
 
 
 def _parameters_created_on_meta() -> bool:

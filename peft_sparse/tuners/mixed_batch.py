@@ -96,16 +96,27 @@ def _peft_splits_rows(wrapper: AuxiliaryTrainingWrapper, adapter_names: list[str
     return isinstance(wrapper.original_module, _PEFT_MIXED_MODULES) and named <= set(wrapper.modules_to_save)
 
 
+def row_groups(adapter_names: list[str]) -> list[tuple[str, Any]]:
+    """``(adapter, rows)`` for each adapter named in a mixed batch, in order of first appearance; ``rows`` is a
+    slice where the adapter's rows are contiguous (a view, no gather), otherwise an index tensor."""
+    positions: dict[str, list[int]] = {}
+    for row, name in enumerate(adapter_names):
+        positions.setdefault(name, []).append(row)
+    groups = []
+    for name, rows in positions.items():
+        contiguous = rows[-1] - rows[0] + 1 == len(rows)
+        groups.append((name, slice(rows[0], rows[-1] + 1) if contiguous else torch.tensor(rows)))
+    return groups
+
+
 def _copies_by_rows(wrapper: ModulesToSaveWrapper, args, kwargs, output, adapter_names):
     """Each group of rows through its adapter's copy of the module (the original module for ``"__base__"`` and for
     adapters without a copy, as PEFT's wrapper runs an adapter it holds no copy of)."""
-    from peft_sparse.tuners.base import _row_groups
-
     if wrapper.disable_adapters or not args or not isinstance(output, torch.Tensor):
         return output
     x, rest = args[0], args[1:]
     result = output.clone()
-    for adapter, rows in _row_groups(adapter_names):
+    for adapter, rows in row_groups(adapter_names):
         module = wrapper.modules_to_save[adapter] if adapter in wrapper.modules_to_save else wrapper.original_module
         rows = rows if isinstance(rows, slice) else rows.to(x.device)
         result[rows] = module(x[rows], *rest, **kwargs)

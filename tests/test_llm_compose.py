@@ -1,0 +1,86 @@
+"""benchmarks/llm_compose.py on a tiny chat LLaMA and a few GLUE-layout rows: the plan, training with early stopping
+on the held-out split (the best state kept), the combination of both tasks' adapters for SparseMask and LoRA,
+resuming (a rerun runs nothing), and the report with evidence.py's verdicts. The SmolLM2 runs are made by hand."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from tiny_models import tiny_llama, tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("bench_llm_compose", ROOT / "benchmarks" / "llm_compose.py")
+compose = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(compose)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compose")
+    torch.manual_seed(0)
+    model = tiny_llama(num_layers=2, hidden_size=32, intermediate_size=48, max_position_embeddings=256)
+    model.save_pretrained(root / "model")
+    tiny_tokenizer().save_pretrained(root / "model")
+    rng = random.Random(0)
+    words = ["good", "bad", "fine", "dull", "great", "poor"]
+    for split, count in (("train", 40), ("dev", 8)):
+        (root / "glue" / "SST-2").mkdir(parents=True, exist_ok=True)
+        (root / "glue" / "MRPC").mkdir(parents=True, exist_ok=True)
+        sst = ["sentence\tlabel"] + [f"it is {rng.choice(words)}\t{i % 2}" for i in range(count)]
+        (root / "glue" / "SST-2" / f"{split}.tsv").write_text("\n".join(sst) + "\n")
+        mrpc = ["\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String"] + [
+            f"{i % 2}\t{i}\t{i + 1}\tthe cat is {rng.choice(words)}\ta cat is {rng.choice(words)}" for i in range(count)]
+        (root / "glue" / "MRPC" / f"{split}.tsv").write_text("\n".join(mrpc) + "\n")
+    return root
+
+
+def argv(root: Path, *extra: str) -> list[str]:
+    return ["--model", str(root / "model"), "--glue-dir", str(root / "glue"), "--out-dir", str(root / "out"),
+            "--seeds", "0,1", "--train-samples", "24", "--holdout", "8", "--eval-samples", "8", "--length", "96",
+            "--batch-size", "4", "--max-steps", "6", "--eval-every", "2", "--patience", "1", "--warmup-steps", "1",
+            "--threads", "1", *extra]
+
+
+def test_plan_run_resume_and_report(root, capsys):
+    compose.main(argv(root, "--plan"))
+    plan = capsys.readouterr().out
+    assert "18 runs: at most" in plan and "CPU-hours" in plan  # 2 base, 8 single, 8 compose
+    assert plan.count("single ") == 8 and plan.count("base ") == 2  # 2 methods x 2 tasks x 2 seeds
+    compose.main(argv(root))
+    rows = compose.read_rows(root / "out" / "results.jsonl")
+    kinds = [r["config"]["kind"] for r in rows]
+    assert kinds.count("base") == 2 and kinds.count("single") == 8 and kinds.count("compose") == 8
+    for row in (r for r in rows if r["config"]["kind"] == "single"):
+        steps = [c["step"] for c in row["curve"]]
+        best = min(row["curve"], key=lambda c: c["heldout_loss"])
+        assert row["best_step"] == best["step"] and row["steps"] == steps[-1] <= 6
+        assert row["stopped_early"] == (steps[-1] < 6)
+        assert Path(row["adapter"], "adapter_config.json").is_file()
+        assert 0 <= row["score"] <= 100
+    for row in (r for r in rows if r["config"]["kind"] == "compose"):
+        assert set(row["scores"]) == {"sst2", "mrpc"} and row["config"]["combo"] in ("linear", "dare_linear")
+    capsys.readouterr()
+    compose.main(argv(root))  # resumed: nothing left to run
+    assert len(compose.read_rows(root / "out" / "results.jsonl")) == len(rows)
+    report = (root / "out" / "llm_compose.md").read_text()
+    assert "## Each method on its own task" in report and "## The two tasks' adapters combined" in report
+    assert any(v in report for v in ("confirmed", "refuted", "inconclusive"))
+    assert (root / "out" / "llm_compose.png").stat().st_size > 0
+
+
+def test_the_verdict_is_evidence_pys_rule():
+    assert compose.judged({0: 80.0, 1: 81.0, 2: 79.0}, {0: 80.5, 1: 81.2, 2: 79.1})["verdict"] == "confirmed"
+    assert compose.judged({0: 70.0, 1: 71.0, 2: 69.5}, {0: 80.0, 1: 81.0, 2: 79.0})["verdict"] == "refuted"
+    assert compose.judged({0: 70.0}, {0: 80.0}) is None  # one paired seed: no interval
+
+
+def test_bad_tasks_and_combinations_are_refused(root):
+    with pytest.raises(SystemExit):
+        compose.parse_args(argv(root, "--tasks", "sst2"))
+    with pytest.raises(SystemExit):
+        compose.parse_args(argv(root, "--combos", "svd"))
