@@ -52,6 +52,7 @@ from peft_sparse import distributed, quantized
 from peft_sparse.calibration import CalibrationRequiredError, CalibrationSession
 from peft_sparse.modules import (
     block_index,
+    dense_weight,
     find_layer_stack,
     first_of,
     head_module_names,
