@@ -298,3 +298,39 @@ def test_generate_gives_each_row_its_adapter_on_a_4bit_base(llama_4bit_dir, tune
             assert torch.equal(mixed.sequences[row], alone.sequences[0]), (row, name)
             first = torch.stack([s[row] for s in mixed.scores])  # every step's logits of this row
             torch.testing.assert_close(first, torch.stack([s[0] for s in alone.scores]), rtol=1e-4, atol=1e-4)
+
+
+def test_a_folded_batch_swaps_shared_supports_in_one_scatter_and_restores_other_supports(monkeypatch):
+    """Adapters on one support (magnitude selection from one base) follow each other in the weight by rewriting the
+    saved entries; an adapter on its own support (random selection) and ``"__base__"`` rows restore first. Every row
+    still equals its adapter alone and the weights end bit-equal to the loaded ones."""
+    from peft_sparse import SparseMaskConfig
+    from peft_sparse.tuners import merging
+    from peft_sparse.tuners.base import SparseTunerLayer
+
+    from test_exact_merge import assert_bit_equal, base_tensors
+
+    model, reference = two_adapters("sparsemask", "llama")
+    model.add_adapter("random", SparseMaskConfig(task_type="CAUSAL_LM", density=0.05, selection="random", seed=3))
+    model.set_adapter("random")
+    train(model, "llama", lr=3e-2, steps=3)
+    model.set_adapter("default")
+    model.eval()
+    names = ["default", "other", "random", "__base__", "default", "other"]
+    ids = make_batch("llama", batch=len(names))["input_ids"]
+    alone = each_alone(model, reference, ids)
+    with torch.no_grad():
+        model.set_adapter("random")
+        alone["random"] = model(input_ids=ids).logits
+        model.set_adapter("default")
+    loaded = base_tensors(model)
+    monkeypatch.setattr(SparseTunerLayer, "fold_min_tokens", 2)
+    rewrites = []
+    original = merging.rewrite
+    monkeypatch.setattr(merging, "rewrite", lambda *a: (rewrites.append(1), original(*a)))
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=names).logits
+    assert rewrites  # "default" -> "other" shares the magnitude support: swapped in place
+    assert_bit_equal(model, loaded)
+    for row, name in enumerate(names):
+        torch.testing.assert_close(mixed[row], alone[name][row], rtol=1e-5, atol=1e-5, msg=f"row {row} ({name})")

@@ -148,23 +148,50 @@ class SparseTunerLayer(nn.Module, BaseTunerLayer):
         base = self.get_base_layer()
         whole = len(groups) == 1
         result = None
-        for adapter, rows in groups:
-            rows = rows if isinstance(rows, slice) else rows.to(x.device)
-            part = x if whole else x[rows]
-            if adapter in increments:
-                saved = {name: self._add_to_base_parameter(name, inc) for name, inc in increments[adapter].items()}
-                try:
-                    out = base(part, *args, **kwargs)
-                finally:
+        saved: Optional[dict[str, merging.Saved]] = None  # what the increment now in the weight overwrote
+        try:
+            for adapter, rows in groups:
+                rows = rows if isinstance(rows, slice) else rows.to(x.device)
+                part = x if whole else mixed_batch.take_rows(x, rows)
+                if adapter in increments:
+                    saved = self._fold_in(saved, increments[adapter])
+                elif saved is not None:
                     self._restore_saved(saved)
-            else:
+                    saved = None
                 out = base(part, *args, **kwargs)
-            if whole:
-                return out
-            if result is None:
-                result = out.new_empty((x.shape[0], *out.shape[1:]))
-            result[rows] = out
+                if whole:
+                    return out
+                if result is None:
+                    result = out.new_empty((x.shape[0], *out.shape[1:]))
+                mixed_batch.put_rows(result, rows, out)
+        finally:
+            if saved is not None:
+                self._restore_saved(saved)
         return result
+
+    def _fold_in(self, saved: Optional[dict[str, merging.Saved]], increments: dict[str, merging.Increment]):
+        """Put ``increments`` into the base parameters in place of the folded increment whose overwritten entries are
+        ``saved`` (None: nothing folded). Adapters on one support (as trained from one base with the default
+        magnitude selection) swap with one scatter per parameter; others restore first, then save and add."""
+        if saved is not None and self._rewrite_saved(saved, increments):
+            return saved
+        if saved is not None:
+            self._restore_saved(saved)
+        return {name: self._add_to_base_parameter(name, inc) for name, inc in increments.items()}
+
+    def _rewrite_saved(self, saved: dict[str, merging.Saved], increments: dict[str, merging.Increment]) -> bool:
+        """Where ``increments`` are sparse on exactly the entries ``saved`` holds, set those entries to the saved base
+        values plus the increments (one scatter per parameter, exact) and return True; else change nothing."""
+        new = {name: self._in_storage_layout(name, inc) for name, inc in increments.items()}
+        base = self.get_base_layer()
+        if new.keys() != saved.keys() or not all(
+            merging.same_support(saved[n], new[n]) and getattr(base, n).is_contiguous() for n in new
+        ):
+            return False
+        with torch.no_grad():
+            for name, increment in new.items():
+                merging.rewrite(getattr(base, name).data, saved[name], increment)
+        return True
 
     def _check_mixed_batch(self, x: torch.Tensor, adapter_names: list[str]) -> None:
         """PEFT LoRA's checks of ``adapter_names`` (``LoraLayer._check_forward_args``)."""
@@ -204,7 +231,8 @@ class SparseTunerLayer(nn.Module, BaseTunerLayer):
                 result = self.add_increment(result, adapter, x)
             else:
                 rows = rows if isinstance(rows, slice) else rows.to(x.device)
-                result[rows] = self.add_increment(result[rows], adapter, x[rows])
+                part = self.add_increment(mixed_batch.take_rows(result, rows), adapter, mixed_batch.take_rows(x, rows))
+                mixed_batch.put_rows(result, rows, part)
         return result
 
     def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -358,16 +386,8 @@ class SparseTunerLayer(nn.Module, BaseTunerLayer):
         down to it (exactly), installs, re-reads what the adapter derives from the base, and merges again.
         """
         if self.merged_adapters[-1:] == [adapter_name] and not self.derives_from_base(adapter_name):
-            saved = self.merge_saved[adapter_name]
             install()
-            new = {name: self._in_storage_layout(name, inc) for name, inc in self.merge_increments(adapter_name).items()}
-            base = self.get_base_layer()
-            if new.keys() == saved.keys() and all(
-                merging.same_support(saved[n], new[n]) and getattr(base, n).is_contiguous() for n in new
-            ):
-                with torch.no_grad():
-                    for name, increment in new.items():
-                        merging.rewrite(getattr(base, name).data, saved[name], increment)
+            if self._rewrite_saved(self.merge_saved[adapter_name], self.merge_increments(adapter_name)):
                 return
             self.merged_adapters.pop()
             self._restore_base(adapter_name)  # what the old merge saved: independent of the installed tensors

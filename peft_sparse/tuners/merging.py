@@ -55,7 +55,7 @@ class SavedEntries:
         elif self.region == "cols":
             tensor[:, self.index] = self.values
         elif tensor.is_contiguous():
-            tensor.view(-1).scatter_(0, self.index, self.values)
+            tensor.view(-1).index_copy_(0, self.index, self.values)
         else:
             tensor[_positions(tensor, self.index)] = self.values
 
@@ -96,10 +96,10 @@ def add_saving(tensor: torch.Tensor, increment: Increment) -> SavedEntries:
     takes the fewest bytes; each changed entry becomes ``w + Δ`` exactly as ``tensor += increment`` computes it.
     """
     if isinstance(increment, SparseIncrement):
-        if tensor.is_contiguous():  # 1-D gather and scatter: the fastest index kernels on the CPU
+        if tensor.is_contiguous():  # 1-D index kernels: the fastest on the CPU (benchmarks/cpu_hot_path.md)
             flat = tensor.view(-1)
             saved = SavedEntries("flat", increment.indices, flat.index_select(0, increment.indices))
-            flat.scatter_(0, increment.indices, saved.values + increment.values.to(tensor.dtype))
+            flat.index_add_(0, increment.indices, increment.values.to(tensor.dtype))  # w + Δ, the support unique
             return saved
         positions = _positions(tensor, increment.indices)
         saved = SavedEntries("flat", increment.indices, tensor[positions])
@@ -134,7 +134,7 @@ def same_support(saved: "Saved", increment: Increment) -> bool:
 def rewrite(tensor: torch.Tensor, saved: SavedEntries, increment: SparseIncrement) -> None:
     """Set the saved entries of contiguous ``tensor`` to their saved (base) values plus ``increment``: an exact swap
     of one merged sparse increment for another on the same support, in one scatter."""
-    tensor.view(-1).scatter_(0, saved.index, saved.values + increment.values.to(tensor.dtype))
+    tensor.view(-1).index_copy_(0, saved.index, saved.values + increment.values.to(tensor.dtype))
 
 
 def _changed_region(delta: torch.Tensor) -> tuple[str, Optional[torch.Tensor]]:

@@ -109,6 +109,20 @@ def row_groups(adapter_names: list[str]) -> list[tuple[str, Any]]:
     return groups
 
 
+def take_rows(tensor: torch.Tensor, rows: Any) -> torch.Tensor:
+    """``tensor``'s rows of a group: a view for a slice, ``index_select`` for an index tensor (advanced indexing is a
+    slow path on the CPU)."""
+    return tensor[rows] if isinstance(rows, slice) else tensor.index_select(0, rows)
+
+
+def put_rows(result: torch.Tensor, rows: Any, values: torch.Tensor) -> None:
+    """Write a group's rows into ``result`` in place (``index_copy_`` for an index tensor)."""
+    if isinstance(rows, slice):
+        result[rows] = values
+    else:
+        result.index_copy_(0, rows, values)
+
+
 def _copies_by_rows(wrapper: ModulesToSaveWrapper, args, kwargs, output, adapter_names):
     """Each group of rows through its adapter's copy of the module (the original module for ``"__base__"`` and for
     adapters without a copy, as PEFT's wrapper runs an adapter it holds no copy of)."""
@@ -119,7 +133,7 @@ def _copies_by_rows(wrapper: ModulesToSaveWrapper, args, kwargs, output, adapter
     for adapter, rows in row_groups(adapter_names):
         module = wrapper.modules_to_save[adapter] if adapter in wrapper.modules_to_save else wrapper.original_module
         rows = rows if isinstance(rows, slice) else rows.to(x.device)
-        result[rows] = module(x[rows], *rest, **kwargs)
+        put_rows(result, rows, module(take_rows(x, rows), *rest, **kwargs))
     return result
 
 
