@@ -5,13 +5,15 @@ against PEFT's LoRA, on SmolLM2-135M-Instruct with an fp32 and a bitsandbytes NF
 Adapters: ``--num-adapters`` SparseMask deltas at LoRA r=8's entry count on the 7 projections of every block
 (``examples/methods.py``'s ``density_matching_lora``; the default magnitude selection, so they share their supports
 as adapters trained on one base do; 2 more with random supports of their own) and as many LoRA r=8 adapters
-(``lora_dropout=0``) on the same projections, with random values, saved to ``--out-dir/adapters``. Four phases:
+(``lora_dropout=0``) on the same projections, with random values, saved to a temporary folder. Four phases:
 
 1. **switch**: the time to switch a *merged* model to the next adapter from disk. SparseMask: ``peft_sparse.
    hotswap_adapter`` (same support: one scatter of the saved base entries plus the new values per layer; another
    support: restore the old support's saved entries, merge the new). LoRA: ``unmerge_adapter()``, PEFT's
    ``peft.utils.hotswap.hotswap_adapter``, ``merge_adapter()`` (PEFT refuses to hot-swap a merged LoRA). Both also by
-   reloading: unmerge, ``load_adapter``, ``set_adapter``, merge the new, ``delete_adapter`` the old.
+   reloading: unmerge, ``load_adapter``, ``set_adapter``, merge the new, ``delete_adapter`` the old. And SparseMask
+   in 32 x 32 blocks at the same entry count (2 adapters on one support): a swap into a cold merged weight is bound
+   by the cache lines it touches, about a third of them for an unstructured 2.3 % support, a few percent for blocks.
 2. **drift**: after ``--switches`` switches and an unmerge, how many base tensors are not bit-equal to the loaded ones.
 3. **mixed**: one forward of ``--batch-size`` x ``--length`` tokens with 1, 2, 4 and 8 adapters in the batch (rows
    assigned round-robin, ``adapter_names=``), SparseMask (as it runs by default: on float bases groups fold their
@@ -28,6 +30,10 @@ table and the plot from the JSON.
     # the real measurement, on 2 quiet CPU cores (about 25 minutes: fp32 ~8, NF4 ~17, mostly mixed forwards)
     python benchmarks/serving.py --out-dir benchmarks/serving
 
+    # on a GPU (benchmarks/gpu/device_session.sh's serving phase): a random ~1B LLaMA in bf16, 8 of its blocks
+    python benchmarks/serving.py --model llama-1b --layers 8 --device cuda --bases bf16 --phases switch,mixed \
+        --adapter-counts 1,8 --batch-size 16 --length 256 --repeats 10 --out-dir $OUT/serving
+
     # check the pipeline in a minute: a tiny random LLaMA, few rounds
     python benchmarks/serving.py --model tiny --out-dir /tmp/serving-check --repeats 2 --warmup 0 --switches 3 \\
         --gen-tokens 4 --gen-repeats 1
@@ -40,6 +46,7 @@ import json
 import platform
 import random
 import shlex
+import shutil
 import statistics
 import sys
 import tempfile
@@ -60,10 +67,13 @@ from peft_sparse.tuners.base import SparseTunerLayer  # noqa: E402
 
 #: The 7 projections of a LLaMA block, LoRA's and SparseMask's targets here.
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-BASES = ("fp32", "4bit")
+BASES = ("fp32", "bf16", "4bit")
+#: A ~1B LLaMA's shape (TinyLlama-1.1B's; benchmarks/sparse_kernels.py's LLAMA_1B), random weights, for GPU runs.
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
 PHASES = ("switch", "drift", "mixed", "generate")
 SWITCHERS = ("sparsemask hot-swap", "sparsemask hot-swap, other supports", "lora unmerge+hotswap+merge",
-             "sparsemask reload", "lora reload")
+             "sparsemask reload", "lora reload", "sparsemask 32x32 blocks hot-swap")
 
 
 # ------------------------------------------------------------------------------------------------ models, adapters
@@ -75,30 +85,34 @@ def model_folder(args) -> str:
         import finetune_causal_lm as example
 
         return str(example.smollm2_folder(args.cache_dir))
-    if args.model == "tiny":
+    if args.model in ("tiny", "llama-1b"):
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        folder = Path(tempfile.gettempdir()) / "peft_sparse_serving_tiny_llama"
+        if args.model == "tiny":  # hidden size 64: bitsandbytes' CPU 4-bit path needs in_features >= 64
+            shape = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+        else:
+            shape = {**LLAMA_1B, "num_hidden_layers": args.layers or LLAMA_1B["num_hidden_layers"]}
+        folder = Path(tempfile.gettempdir()) / f"peft_sparse_serving_{args.model}_{shape['num_hidden_layers']}"
         if not (folder / "config.json").exists():
-            torch.manual_seed(0)  # hidden size 64: bitsandbytes' CPU 4-bit path needs in_features >= 64
-            config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
-            LlamaForCausalLM(config).save_pretrained(folder)
+            torch.manual_seed(0)
+            LlamaForCausalLM(LlamaConfig(**shape)).to(torch.bfloat16).save_pretrained(folder)
         return str(folder)
     return args.model
 
 
 def load_base(args, base: str) -> torch.nn.Module:
-    """The base in eval mode: fp32, or NF4 with fp32 compute (bitsandbytes' CPU repacking for its bf16 kernel off,
-    as in the causal-LM example: a repacked weight no longer dequantizes)."""
+    """The base in eval mode on ``--device``: fp32, bf16, or NF4 with fp32 compute (bitsandbytes' CPU repacking for
+    its bf16 kernel off, as in the causal-LM example: a repacked weight no longer dequantizes)."""
     path = model_folder(args)
-    if base == "fp32":
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    if base in ("fp32", "bf16"):
+        dtype = torch.float32 if base == "fp32" else torch.bfloat16
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
     from transformers import BitsAndBytesConfig
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=quant,
-                                                 device_map={"": "cpu"})
+                                                 device_map={"": args.device})
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
@@ -110,8 +124,8 @@ def make_adapters(args) -> dict[str, list[str]]:
     onto the NF4 base too): ``{"sparsemask": [folders], "lora": [folders]}``."""
     from methods import density_matching_lora
 
-    root = Path(args.out_dir) / "adapters"
-    base = load_base(args, "fp32")
+    root = Path(tempfile.mkdtemp(prefix="peft_sparse_serving_adapters_"))  # random weights: nothing to keep
+    base = AutoModelForCausalLM.from_pretrained(model_folder(args), dtype=torch.float32).eval()  # on the CPU
     density = density_matching_lora(base, 8, TARGETS, "CAUSAL_LM")
     configs = {  # method: (config of adapter k, how many)
         # the default magnitude selection: adapters trained on one base share their supports
@@ -120,6 +134,9 @@ def make_adapters(args) -> dict[str, list[str]]:
         # random supports, one seed each: a swap to another support (the switch phase's second row)
         "sparsemask-random": (lambda k: SparseMaskConfig(task_type="CAUSAL_LM", target_modules=TARGETS,
                                                          density=density, selection="random", seed=k), 2),
+        # 32 x 32 blocks at the same count: a swap rewrites whole cache lines, not one entry in three lines
+        "sparsemask-block32": (lambda k: SparseMaskConfig(task_type="CAUSAL_LM", target_modules=TARGETS,
+                                                          density=density, block_size=32), 2),
         "lora": (lambda k: LoraConfig(task_type="CAUSAL_LM", target_modules=TARGETS, r=8, lora_alpha=16,
                                       lora_dropout=0.0), args.num_adapters),
     }
@@ -140,7 +157,7 @@ def make_adapters(args) -> dict[str, list[str]]:
         model.save_pretrained(root / method, selected_adapters=names)  # one sub-folder per adapter (not "default")
         folders[method] = [str(root / method / n) for n in names]
         base = model.unload()
-    return {"folders": folders, "density": density}
+    return {"folders": folders, "density": density, "root": root}
 
 
 def adapter_model(args, base: str, folders: list[str], count: int = 1) -> PeftModel:
@@ -162,14 +179,17 @@ def base_tensors(model) -> dict[str, torch.Tensor]:
 
 def interleaved(tasks: dict[str, Callable[[], Any]], rounds: int, warmup: int, seed: int) -> dict[str, list[float]]:
     """Each task once per round, in a new random (seeded) order each round, so that a busy phase of the machine hits
-    all alike; the seconds of every run after ``warmup`` rounds."""
+    all alike; the seconds of every run after ``warmup`` rounds (CUDA synchronised around each run)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in tasks}
     order, rng = list(tasks), random.Random(seed)
     for round_ in range(warmup + rounds):
         rng.shuffle(order)
         for name in order:
+            sync()
             start = time.perf_counter()
             tasks[name]()
+            sync()
             elapsed = time.perf_counter() - start
             if round_ >= warmup:
                 times[name].append(elapsed)
@@ -181,7 +201,7 @@ class Switcher:
     so far."""
 
     def __init__(self, args, base: str, method: str, how: str, folders: list[str]):
-        self.method, self.how, self.folders, self.count = method, how, folders, 0
+        self.method, self.how, self.folders, self.count, self.device = method, how, folders, 0, args.device
         self.model = PeftModel.from_pretrained(load_base(args, base), folders[0]).eval()  # adapter "default"
         self.loaded = base_tensors(self.model)
         self.current = "default"
@@ -195,7 +215,7 @@ class Switcher:
             peft_sparse.hotswap_adapter(model, path, adapter_name="default")
         elif self.how == "hotswap":
             model.base_model.unmerge_adapter()
-            lora_hotswap(model, path, adapter_name="default", torch_device="cpu")
+            lora_hotswap(model, path, adapter_name="default", torch_device=self.device)
             model.base_model.merge_adapter()
         else:
             new = f"s{self.count}"
@@ -217,7 +237,7 @@ class Switcher:
 
 def switchers(args, base: str, folders: dict[str, list[str]]) -> dict[str, Switcher]:
     ways = dict(zip(SWITCHERS, [("sparsemask", "hotswap"), ("sparsemask-random", "hotswap"), ("lora", "hotswap"),
-                                ("sparsemask", "reload"), ("lora", "reload")]))
+                                ("sparsemask", "reload"), ("lora", "reload"), ("sparsemask-block32", "hotswap")]))
     return {name: Switcher(args, base, method, how, folders[method]) for name, (method, how) in ways.items()}
 
 
@@ -239,7 +259,7 @@ def drift_phase(args, base: str, folders, results: dict) -> None:
 
 def batch_of(args, model, rows: int, length: int) -> dict[str, torch.Tensor]:
     vocab = model.get_input_embeddings().weight.shape[0]
-    ids = torch.randint(0, vocab, (rows, length), generator=torch.Generator().manual_seed(args.seed))
+    ids = torch.randint(0, vocab, (rows, length), generator=torch.Generator().manual_seed(args.seed)).to(args.device)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
@@ -268,7 +288,7 @@ def mixed_phase(args, base: str, folders, results: dict) -> None:
     for k in counts:
         names = [f"a{i % k}" for i in range(args.batch_size)]
         tasks[f"sparsemask k={k}"] = forward(sparse, names)
-        if base == "fp32":  # quantized bases always take base + sparse products
+        if base != "4bit":  # quantized bases always take base + sparse products
             tasks[f"sparsemask-products k={k}"] = forward(sparse, names, fold=False)
         tasks[f"lora k={k}"] = forward(lora, names)
     print(f"[mixed] {base}: {len(tasks)} forwards x {args.repeats} interleaved rounds", flush=True)
@@ -317,11 +337,12 @@ def targets(base_results: dict, base: str) -> list[str]:
     lines = []
     switch, drift, mixed = (base_results.get(k, {}) for k in ("switch", "drift", "mixed"))
     sparse, lora = median_of(switch, SWITCHERS[0]), median_of(switch, SWITCHERS[2])
-    other = median_of(switch, SWITCHERS[1])
+    other, blocks = median_of(switch, SWITCHERS[1]), median_of(switch, SWITCHERS[5])
     if sparse and lora:
         lines.append(f"- merged switch, SparseMask hot-swap from disk vs LoRA unmerge + hotswap + merge: "
                      f"{lora / sparse:.1f}x faster (target >= 10x): {'met' if lora / sparse >= 10 else 'missed'}"
-                     + (f"; to another support {lora / other:.1f}x" if other else ""))
+                     + (f"; to another support {lora / other:.1f}x" if other else "")
+                     + (f"; 32 x 32 blocks (same count) {lora / blocks:.1f}x" if blocks else ""))
     if drift:
         ours, theirs = drift.get(SWITCHERS[0], {}), drift.get(SWITCHERS[2], {})
         lines.append(f"- drift after {ours.get('switches')} switches and an unmerge: SparseMask {ours.get('drifted')} "
@@ -337,10 +358,12 @@ def targets(base_results: dict, base: str) -> list[str]:
 
 def markdown(results: dict) -> str:
     settings = results["settings"]
+    where = (f"{settings['threads']} threads" if settings.get("device", "cpu") == "cpu"
+             else f"device {settings['device']}")
     out = [f"# Several adapters on one base: {Path(settings['model']).name}", "",
            f"Command: `{settings['command']}`", "",
-           f"Machine: {settings['machine']}; torch {settings['torch']}, peft {settings['peft']}; {settings['threads']} "
-           f"threads. {settings['num_adapters']} SparseMask adapters at LoRA r=8's entry count (density "
+           f"Machine: {settings['machine']}; torch {settings['torch']}, peft {settings['peft']}; {where}. "
+           f"{settings['num_adapters']} SparseMask adapters at LoRA r=8's entry count (density "
            f"{settings['density']:.4f}; magnitude supports, shared by the adapters as by adapters trained on one "
            f"base, and 2 more with random supports of their own) and {settings['num_adapters']} LoRA r=8 adapters "
            f"(lora_dropout=0) on {', '.join(TARGETS)}; random values. Medians of {settings['repeats']} interleaved "
@@ -438,7 +461,10 @@ def write(results: dict, out_dir: Path) -> None:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2", help="smollm2 (offline, converted by the causal-LM example), "
-                                                           "tiny (a random 2-block LLaMA, to check the pipeline) or a folder")
+                                                           "tiny (a random 2-block LLaMA, to check the pipeline), "
+                                                           "llama-1b (a random ~1B LLaMA, for a GPU) or a folder")
+    parser.add_argument("--layers", type=int, default=None, help="llama-1b: fewer of its 22 blocks (a short GPU slot)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (bases bf16 / fp32 / 4bit on the GPU)")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--out-dir", default="benchmarks/serving")
     parser.add_argument("--bases", default="fp32,4bit")
@@ -471,7 +497,8 @@ def main(argv=None) -> dict:
         results = json.loads((out_dir / "serving.json").read_text())
         write(results, out_dir)
         return results
-    torch.set_num_threads(args.threads)
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     made = make_adapters(args)
     import peft
@@ -479,15 +506,19 @@ def main(argv=None) -> dict:
     results: dict[str, Any] = {"settings": {
         **{k: v for k, v in vars(args).items() if k != "report"}, "bases": args.bases.split(","),
         "model": model_folder(args), "density": made["density"], "torch": torch.__version__, "peft": peft.__version__,
-        "machine": f"{platform.processor() or platform.machine()}, {platform.system()}",
+        "machine": (torch.cuda.get_device_name() if args.device.startswith("cuda")
+                    else f"{platform.processor() or platform.machine()}, {platform.system()}"),
         "command": shlex.join(["python", "benchmarks/serving.py", *(argv if argv is not None else sys.argv[1:])]),
     }}
     phases = {"switch": switch_phase, "drift": drift_phase, "mixed": mixed_phase, "generate": generate_phase}
-    for base in args.bases.split(","):
-        results[base] = {}
-        for phase in args.phases.split(","):
-            phases[phase](args, base, made["folders"], results[base])
-            write(results, out_dir)
+    try:
+        for base in args.bases.split(","):
+            results[base] = {}
+            for phase in args.phases.split(","):
+                phases[phase](args, base, made["folders"], results[base])
+                write(results, out_dir)
+    finally:
+        shutil.rmtree(made["root"], ignore_errors=True)
     print(markdown(results))
     return results
 

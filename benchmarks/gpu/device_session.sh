@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Phases and their issues: qlora -> issue 22 (QLoRA-style step, qlora_step.py); kernels -> issues 8 and 22 (the ~1B
-# bf16 training-step table, re-measured beside qlora, then the quick kernel table); tests -> issue 8 (CUDA kernel
-# tests); evidence -> issue 11 (claims 1 and 4 in parallel shards until the budget is spent).
+# Phases and their issues: qlora -> issue 22 (QLoRA-style step, qlora_step.py); serving -> issue 20 (a random ~1B
+# LLaMA in bf16: merged-switch latency and 8-adapter mixed batches, SparseMask against LoRA, serving.py);
+# kernels -> issues 8 and 22 (the ~1B bf16 training-step table, re-measured beside qlora, then the quick kernel
+# table); tests -> issue 8 (CUDA kernel tests); evidence -> issue 11 (claims 1 and 4 in parallel shards until the
+# budget is spent).
 #
 # One call on a lent GPU machine: install, then the phases asked for, in the order above, each under a time limit cut
 # from what is left of the budget (the seconds of the whole call, install included), so the call ends inside it.
@@ -12,17 +14,18 @@
 # CUDA 13 libraries, into .whl/). Then, from the repository root on the device machine, with .whl carried (and .gpu,
 # MiniLM in fp16 and the GLUE TSVs, for evidence only; the qlora and kernels models are random):
 #
-#   bash benchmarks/gpu/device_session.sh                # qlora,kernels in 420 s: the run tool's timeout_s 480
+#   bash benchmarks/gpu/device_session.sh                # qlora,serving,kernels in 540 s: the run tool's timeout_s 600
 #   bash benchmarks/gpu/device_session.sh qlora 240      # qlora alone, a rerun on the warm machine (timeout_s 300)
 #
-# Arguments: the phases to run (default qlora,kernels), the seconds this call may take in all (default 420), the
+# Arguments: the phases to run (default qlora,serving,kernels), the seconds this call may take in all (default 540), the
 # number of evidence shards (default 12). DRY_RUN=1 checks the logic on a CPU: no install, qlora_step.py --tiny, the
-# GPU-only commands echoed. At most 8 files come back from $OUT; this writes at most these 8: machine.txt,
-# session.log (everything printed), <gpu>-qlora-step.md, <gpu>-train-step.md, <gpu>-kernels-quick.md, cuda-tests.txt,
-# gpu.jsonl, evidence.log.
+# GPU-only commands echoed. At most 8 files come back from $OUT; the phases write these 9: machine.txt,
+# session.log (everything printed), <gpu>-qlora-step.md, <gpu>-serving.md, <gpu>-train-step.md,
+# <gpu>-kernels-quick.md, cuda-tests.txt, gpu.jsonl, evidence.log: run tests or evidence without serving (every table
+# is also printed into session.log).
 set -u -o pipefail
-phases=",${1:-qlora,kernels},"
-budget=${2:-420}
+phases=",${1:-qlora,serving,kernels},"
+budget=${2:-540}
 shards=${3:-12}
 dry=${DRY_RUN:-}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -71,8 +74,21 @@ if [[ $phases == *,qlora,* ]]; then
   fi
 fi
 
+if [[ $phases == *,serving,* ]]; then
+  t=$(limit 180)
+  if ((t < 60)); then echo "serving: skipped, $t s left"; else
+    echo "== serving ($t s at most)"
+    # DRY_RUN: the tiny LLaMA on the CPU, the same phases
+    if [[ -n $dry ]]; then how=(--model tiny --device cpu --bases fp32 --repeats 2 --warmup 0)
+    else how=(--model llama-1b --layers 8 --device cuda --bases bf16 --repeats 10 --warmup 2); fi
+    timeout "$t" python3 benchmarks/serving.py "${how[@]}" --phases switch,mixed --adapter-counts 1,8 --batch-size 16 --length 256 --out-dir /tmp/serving \
+      && cp /tmp/serving/serving.md "$OUT/$tag-serving.md"
+    echo "serving: exit $?, call at $SECONDS s"
+  fi
+fi
+
 if [[ $phases == *,kernels,* ]]; then
-  t=$(limit 240)
+  t=$(limit 200)
   if ((t < 60)); then echo "kernels (training step): skipped, $t s left"; else
     echo "== kernels: the ~1B training step ($t s at most)"
     gpu timeout "$t" python3 benchmarks/sparse_kernels.py --no-kernels --out "$OUT/$tag-train-step.md"
@@ -120,7 +136,7 @@ elif [[ $phases == *,evidence,* ]]; then
 fi
 
 # the tables last, so that the reply's output tail holds them
-for table in "$OUT/$tag-qlora-step.md" "$OUT/$tag-train-step.md"; do
+for table in "$OUT/$tag-qlora-step.md" "$OUT/$tag-serving.md" "$OUT/$tag-train-step.md"; do
   [[ -f $table ]] && { echo "== $table"; cat "$table"; }
 done
 echo "call took $SECONDS s"
