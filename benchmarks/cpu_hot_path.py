@@ -3,13 +3,14 @@
 
 For each projection shape of one SmolLM2 block (q, k, v, o, gate, up, down), at the density that trains LoRA r=8's
 entry count (``r * (in + out)`` entries) and at 1 %, unstructured and in 32 x 32 blocks, with ``--tokens`` tokens, on
-a float (fp32) base and on a bitsandbytes 4-bit NF4 base (``--bases``):
+a float (fp32) base, a bitsandbytes 4-bit NF4 base and a bitsandbytes LLM.int8 base in training mode (``--bases``):
 
 * ``floor``: the frozen base product, the input gradient only (what any method pays at least); on 4-bit bases
-  bitsandbytes' own 4-bit matmul (a dequantization in the forward and one in the backward);
+  bitsandbytes' own 4-bit matmul (a dequantization in the forward and one in the backward); on int8 bases
+  ``Linear8bitLt``'s own CPU training product (``MatMul8bitFp``: ``CB · SCB / 127`` and a float matmul);
 * ``lora-r8``: the base product plus ``(x Aᵀ) Bᵀ``, A and B trained (PEFT's LoRA, no dropout);
 * ``fold`` (the package's path): ΔW folded into the base product: on float bases added into W in place and the
-  entries put back exactly afterwards, on 4-bit bases scattered into the layer's own dequantized weight; the values'
+  entries put back exactly afterwards, on 4-bit and int8 bases scattered into the layer's own dequantized weight; the values'
   gradient sampled at the support (``sampled_addmm``, or batched matmuls over the blocks);
 * ``fold-copy`` (float bases; the package's path before 0.2.0): ``W + ΔW`` formed as a new tensor for each product;
 * ``beside``: the base product plus ``x ΔWᵀ`` by sparse products (CSR, or batched block products), the input
@@ -42,7 +43,7 @@ import torch.nn.functional as F
 
 import peft_sparse  # noqa: F401  (peft_sparse.kernels)
 from peft_sparse.kernels import function as kfn
-from peft_sparse.quantized import dequantize_4bit
+from peft_sparse.quantized import dequantize_4bit, fresh_weight
 from peft_sparse.kernels.layout import build_layout
 
 #: The projections of one block, (out, in): SmolLM2-135M (LLaMA) and all-MiniLM-L6-v2 (BERT).
@@ -111,6 +112,16 @@ def nf4(weight: torch.Tensor):
     return packed, state, lambda dtype: dequantize_4bit(packed, dtype)
 
 
+def int8(weight: torch.Tensor) -> torch.nn.Module:
+    """``weight`` as a bitsandbytes LLM.int8 layer (``Linear8bitLt``, no fp16 weights) in training mode, as
+    ``BitsAndBytesConfig(load_in_8bit=True)`` loads it: its CPU training product is ``MatMul8bitFp``."""
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear8bitLt(weight.shape[1], weight.shape[0], bias=False, has_fp16_weights=False)
+    layer.weight = bnb.nn.Int8Params(weight.clone(), requires_grad=False, has_fp16_weights=False)
+    return layer.to("cpu").train()
+
+
 def options(shape, tokens, density, block, base="fp32", seed=0) -> tuple[dict[str, Callable[[], None]], int]:
     g = torch.Generator().manual_seed(seed)
     out_f, in_f = shape
@@ -131,6 +142,16 @@ def options(shape, tokens, density, block, base="fp32", seed=0) -> tuple[dict[st
                 t.grad = None
         return step
 
+    if base == "int8":
+        layer = int8(weight)
+        fresh = fresh_weight(layer, x)  # the package's choice: a dequantizing callable while training on the CPU
+        assert fresh is not None, "bitsandbytes' 8-bit layer did not take its CPU training path"
+        return {
+            "floor": run(lambda: layer(x)),
+            "lora-r8": run(lambda: layer(x) + (x @ a.T) @ b.T),
+            "fold": run(lambda: kfn.sparse_delta_linear(x, values, layout, fresh_weight(layer, x))),  # the package
+            "beside": run(lambda: layer(x) + kfn.sparse_delta_linear(x, values, layout)),
+        }, indices.numel()
     if base == "nf4":
         import bitsandbytes as bnb
 
@@ -221,7 +242,8 @@ def main(argv=None) -> None:
                    help="tokens per step, comma-separated (512 = 8 x 64 in benchmarks/llm.py, 2048 = 32 x 64 in "
                         "benchmarks/step_time.py)")
     p.add_argument("--models", default="smollm2,minilm", help=f"block shapes of: {', '.join(MODELS)}")
-    p.add_argument("--bases", default="fp32,nf4", help="fp32 (a float base) and/or nf4 (bitsandbytes 4-bit)")
+    p.add_argument("--bases", default="fp32,nf4", help="fp32 (a float base), nf4 (bitsandbytes 4-bit) and/or int8 "
+                                                         "(bitsandbytes LLM.int8, training mode)")
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--sddmm", action="store_true", help="also time the values' gradient alone, three ways")
     p.add_argument("--indexing", action="store_true", help="also time reading and writing the support's entries")
