@@ -213,6 +213,32 @@ def test_checkpoint_support_sizes_differing_from_the_config_load(tmp_path):
 
 
 
+@pytest.mark.parametrize("block_size", [1, 4])
+def test_loading_installs_the_saved_support_without_selecting_one(tmp_path, monkeypatch, block_size):
+    """``PeftModel.from_pretrained`` / ``load_adapter`` take the support from the checkpoint: no magnitude selection
+    runs first (on SmolLM2 it was two thirds of a load). A fresh adapter from the loaded config still selects."""
+    from peft_sparse.tuners.sparsemask import selection
+
+    model, _ = sparsemask("llama", density=0.05, block_size=block_size)
+    batch = make_batch("llama")
+    train_steps(model, batch)
+    model.save_pretrained(tmp_path)
+    calls = []
+    original = selection.top_support
+    monkeypatch.setattr(selection, "top_support", lambda *a, **k: (calls.append(1), original(*a, **k))[1])
+    loaded = PeftModel.from_pretrained(make_model("llama"), tmp_path)
+    loaded.load_adapter(tmp_path, adapter_name="again")
+    assert not calls
+    torch.testing.assert_close(logits(loaded, batch), logits(model, batch), rtol=0, atol=0)
+    loaded.set_adapter("again")
+    torch.testing.assert_close(logits(loaded, batch), logits(model, batch), rtol=0, atol=0)
+    for name, layer in loaded.named_modules():
+        if isinstance(layer, SparseMaskLayer):
+            assert not layer.sparsemask_settings["default"].pending, name
+    fresh = get_peft_model(make_model("llama"), SparseMaskConfig.from_pretrained(tmp_path))
+    assert calls  # building from the config alone still selects its support
+    assert not requires_calibration(fresh)
+
 
 @pytest.mark.parametrize(
     "kwargs, message",

@@ -581,6 +581,8 @@ class SparseTunerModel(BaseTuner):
         self.peft_config[adapter_name] = copy.deepcopy(self.peft_config[adapter_name])
         if source is not None:
             loading.check_readable_checkpoint(source)  # before any module is touched
+        # Tensors that the checkpoint being loaded replaces need no initial values (SparseMask's delta support).
+        self.peft_config[adapter_name]._from_checkpoint = loading.inside_peft_load_adapter()
         # What a failed load restores: every parameter's trainability before this adapter existed.
         trainability = [(p, p.requires_grad) for p in model.parameters()]
         self._trainability_before[adapter_name] = trainability

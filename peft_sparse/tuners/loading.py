@@ -60,6 +60,21 @@ def refuse_transformers_loader(tuner_cls: type, config: PeftConfig) -> None:
         frame = frame.f_back
 
 
+def inside_peft_load_adapter() -> bool:
+    """Whether the caller runs inside PEFT's ``PeftModel.from_pretrained`` (which injects the first adapter) or
+    ``load_adapter``: the adapter being injected then gets its tensors from the checkpoint right after, so work that
+    only sets their initial values (a delta's magnitude or random support) can be skipped."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        filename = frame.f_code.co_filename.replace("\\", "/")
+        if frame.f_code.co_name in ("from_pretrained", "load_adapter") and filename.endswith(
+            ("peft/peft_model.py", "peft/mixed_model.py")
+        ):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def read_layer_checkpoints(
     tuner_cls: type, model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:

@@ -82,7 +82,12 @@ class SparseMaskLayer(SparseTunerLayer):
             if config.mode == "delta":
                 settings = AdapterSettings("delta", density=config.density, block_size=config.block_size)
                 count = selection.support_budget(config.density, self.shape, config.block_size)
-                if config.selection == "magnitude":
+                if getattr(config, "_from_checkpoint", False):
+                    # PeftModel.load_adapter: read_checkpoint installs the saved support next (a magnitude
+                    # selection here was two thirds of loading SmolLM2's adapter, then thrown away)
+                    support = torch.zeros(0, dtype=torch.int64)
+                    settings.pending = True
+                elif config.selection == "magnitude":
                     support = selection.top_support(weight.abs(), count, config.block_size)
                 elif config.selection == "random":
                     # Each layer draws its own support (PEFT's SHiRA reuses one mask for every same-shaped layer).
