@@ -129,7 +129,8 @@ def main(argv=None) -> None:
         if new_code == old_code:
             print(f"{method}: the same code hash, nothing to certify", flush=True)
             continue
-        equivalents[new_code] = {"same_as": old_code, "method": method, "variants": CHECKED[method],
+        # keyed per method (evidence_codes.key): methods share code hashes and may not all be certified
+        equivalents[f"{method}:{new_code}"] = {"same_as": old_code, "method": method, "variants": CHECKED[method],
                                  "smoke_rows": args.rows, "compared": "every result field but timings",
                                  "date": time.strftime("%Y-%m-%d"), "command": command}
         EQUIVALENTS.write_text(json.dumps(equivalents, indent=1, sort_keys=True) + "\n")

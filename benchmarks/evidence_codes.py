@@ -13,12 +13,18 @@ from evidence_run import code_hash
 EQUIVALENTS = Path(__file__).resolve().parent / "evidence" / "equivalent_code.json"
 
 
+def key(method: str, code: str) -> str:
+    """The table's key of a certification: per method, since methods share code hashes (SparseMask's delta and
+    mask modes; full fine-tuning, SHiRA and LoRA) and one may be certified while another is not."""
+    return f"{method}:{code}"
+
+
 @functools.lru_cache(maxsize=None)
 def current_codes(method: str) -> frozenset[str]:
     """The checkout's code hash for ``method`` and the older ones certified equivalent to it."""
     equivalents = json.loads(EQUIVALENTS.read_text()) if EQUIVALENTS.exists() else {}
     codes, code = [code_hash(method)], code_hash(method)
-    while code in equivalents and equivalents[code]["method"] == method and equivalents[code]["same_as"] not in codes:
-        code = equivalents[code]["same_as"]
+    while key(method, code) in equivalents and equivalents[key(method, code)]["same_as"] not in codes:
+        code = equivalents[key(method, code)]["same_as"]
         codes.append(code)
     return frozenset(codes)

@@ -26,9 +26,13 @@ certify = _load("evidence_certify")
 
 def test_certified_hashes_are_followed_back_per_method(tmp_path, monkeypatch):
     now = codes.code_hash("sparsemask")
-    table = {now: {"same_as": "older", "method": "sparsemask"}, "older": {"same_as": "oldest", "method": "sparsemask"},
-             "oldest": {"same_as": now, "method": "sparsemask"},  # a cycle ends the walk
-             codes.code_hash("dps"): {"same_as": "dps-old", "method": "dps"}}
+    assert codes.code_hash("mask") == now and codes.code_hash("full") == codes.code_hash("lora")  # shared hashes
+    table = {f"sparsemask:{now}": {"same_as": "older", "method": "sparsemask"},
+             "sparsemask:older": {"same_as": "oldest", "method": "sparsemask"},
+             "sparsemask:oldest": {"same_as": now, "method": "sparsemask"},  # a cycle ends the walk
+             f"dps:{codes.code_hash('dps')}": {"same_as": "dps-old", "method": "dps"},
+             # full fine-tuning certified, LoRA (same code hash) not: LoRA's old rows stay superseded
+             f"full:{codes.code_hash('full')}": {"same_as": "full-old", "method": "full"}}
     path = tmp_path / "equivalent_code.json"
     path.write_text(json.dumps(table))
     monkeypatch.setattr(codes, "EQUIVALENTS", path)
@@ -37,6 +41,8 @@ def test_certified_hashes_are_followed_back_per_method(tmp_path, monkeypatch):
         assert codes.current_codes("sparsemask") == {now, "older", "oldest"}
         assert codes.current_codes("dps") == {codes.code_hash("dps"), "dps-old"}
         assert codes.current_codes("lora") == {codes.code_hash("lora")}  # nothing certified: its own hash only
+        assert codes.current_codes("mask") == {now}  # SparseMask's delta rows certified, not mask mode's
+        assert codes.current_codes("full") == {codes.code_hash("full"), "full-old"}
     finally:
         codes.current_codes.cache_clear()
 
