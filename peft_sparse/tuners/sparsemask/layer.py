@@ -78,7 +78,6 @@ class SparseMaskLayer(SparseTunerLayer):
     def update_layer(self, adapter_name: str, config: SparseMaskConfig, current_key: str = "", **kwargs) -> None:
         device = self.get_base_layer().weight.device
         with torch.no_grad():
-            weight = self.base_weight()
             if config.mode == "delta":
                 settings = AdapterSettings("delta", density=config.density, block_size=config.block_size)
                 count = selection.support_budget(config.density, self.shape, config.block_size)
@@ -88,7 +87,7 @@ class SparseMaskLayer(SparseTunerLayer):
                     support = torch.zeros(0, dtype=torch.int64)
                     settings.pending = True
                 elif config.selection == "magnitude":
-                    support = selection.top_support(weight.abs(), count, config.block_size)
+                    support = selection.top_support(self.base_weight().abs(), count, config.block_size)
                 elif config.selection == "random":
                     # Each layer draws its own support (PEFT's SHiRA reuses one mask for every same-shaped layer).
                     seed = (config.seed * 1_000_003 + zlib.crc32(current_key.encode())) % 2**63
@@ -102,6 +101,7 @@ class SparseMaskLayer(SparseTunerLayer):
                     self.shape, support, self.adapter_dtype(), device=device, block_size=config.block_size
                 )
             else:
+                weight = self.base_weight()
                 numel = weight.numel()
                 num_pruned = min(numel, max(1, round(config.sparsity * numel)))
                 if config.mask_candidates is None:
