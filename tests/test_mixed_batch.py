@@ -198,6 +198,48 @@ def test_each_row_equals_its_adapter_alone_on_a_4bit_base(llama_4bit_dir, tuner)
         torch.testing.assert_close(mixed[row], alone[name][row], rtol=1e-4, atol=1e-4, msg=f"row {row} ({name})")
 
 
+@pytest.mark.parametrize("tuner", ["sparsemask", "sparsemask-block"])
+def test_a_4bit_base_folds_each_group_into_one_dequantized_buffer(llama_4bit_dir, tuner, monkeypatch):
+    """On a 4-bit base the groups' sparse increments fold into the weight dequantized once per layer for the whole
+    batch (no bitsandbytes product, no sparse product beside it): each row equals its adapter alone, and the packed
+    weights are untouched."""
+    import bitsandbytes as bnb
+
+    from peft_sparse import quantized
+    from peft_sparse.tuners.base import SparseTunerLayer
+
+    model = get_peft_model(load_4bit(llama_4bit_dir), config_for(tuner, "llama"))
+    train(model, "llama", steps=2, lr=2e-2)
+    model.add_adapter("other", config_for(tuner, "llama"))
+    model.set_adapter("other")
+    train(model, "llama", steps=3, lr=3e-2)
+    model.set_adapter("default")
+    model.eval()
+    ids = make_batch("llama", batch=len(NAMES))["input_ids"]
+    with torch.no_grad():
+        alone = {}
+        for adapter in ("default", "other"):
+            model.set_adapter(adapter)
+            alone[adapter] = model(input_ids=ids).logits
+        with model.disable_adapter():
+            alone["__base__"] = model(input_ids=ids).logits
+        model.set_adapter("default")
+    packed = {n: p.detach().clone() for n, p in model.named_parameters() if p.dtype == torch.uint8}
+    monkeypatch.setattr(SparseTunerLayer, "fold_min_tokens", 2)
+    dequantized, bnb_products = [], []
+    original_dequantize = quantized.dequantize_4bit
+    monkeypatch.setattr(quantized, "dequantize_4bit", lambda *a: (dequantized.append(1), original_dequantize(*a))[1])
+    original_matmul = bnb.matmul_4bit
+    monkeypatch.setattr(bnb, "matmul_4bit", lambda *a, **k: (bnb_products.append(1), original_matmul(*a, **k))[1])
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=NAMES).logits
+    layers = sum(isinstance(m, SparseTunerLayer) for m in model.modules())
+    assert len(dequantized) == layers and not bnb_products  # one dequantization per layer, for all the groups
+    assert all(torch.equal(p, packed[n]) for n, p in model.named_parameters() if n in packed)
+    for row, name in enumerate(NAMES):
+        torch.testing.assert_close(mixed[row], alone[name][row], rtol=1e-4, atol=1e-4, msg=f"row {row} ({name})")
+
+
 @pytest.mark.parametrize("tuner", ["sparsemask", "sparsemask-block", "sparsemask-mask"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_folding_sparse_increments_gives_the_sparse_products_rows_and_leaves_the_weights_bit_equal(

@@ -33,6 +33,7 @@ import warnings
 from typing import Any, Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from peft.config import PeftConfig
 from peft.tuners.tuners_utils import (
     BaseTuner,
@@ -129,55 +130,69 @@ class SparseTunerLayer(nn.Module, BaseTunerLayer):
 
     # ---------------------------------------------------------------------------------- mixed-adapter batches
     def _may_fold_mixed_batch(self) -> bool:
-        """A weight may change between the groups' products only where nothing records it: no autograd, a float
-        linear base running no hooks (quantized bases take the sparse products), and no merged adapter."""
+        """A weight may change between the groups' products only where nothing records it: no autograd, a linear
+        base running no hooks, and no merged adapter (a quantized base folds into a dequantized buffer of its own,
+        where ``fold_source`` offers one)."""
         return (
             self.fold_mixed_batches and not torch.is_grad_enabled() and not self.merged
-            and is_linear(self.get_base_layer()) and not self.is_quantized and not self.base_is_hooked()
+            and is_linear(self.get_base_layer()) and not self.base_is_hooked()
         )
 
     def _folded_mixed_batch(self, x: torch.Tensor, groups: list[tuple[str, Any]], *args: Any, **kwargs: Any):
-        """Each group's rows through the base layer with the group's adapter merged in place for its product only:
-        the merge saves the support's entries and the restore writes them back, so the weight is bit-equal to what
-        it was after every group (``merging.py``). No sparse product, no weight-sized copy: the dense products add up
-        to one base product. None (the caller takes the sparse products) unless every adapter's weight increment is
-        sparse. Not for several threads running one model at once: each sees the weight of the group in flight."""
+        """Each group's rows through one product with the group's sparse increment folded into the weight.
+
+        Float bases: the weight itself, in place; the support's entries are saved first and written back at the end,
+        so the weight is bit-equal to what it was (``merging.py``). Quantized bases: the weight dequantized once for
+        the whole batch into a fresh buffer (``fold_source``), as the layer's own product would, and one float
+        product per group. Adapters on one support follow each other with one rewrite of the saved entries; others
+        restore first. No sparse product, no weight-sized copy on float bases. None (the caller takes the sparse
+        products) unless every adapter's increment is a sparse weight increment. Not for several threads running
+        one model at once: each sees the weight of the group in flight.
+        """
         increments = {a: self.merge_increments(a) for a, _ in groups if a != "__base__" and self.is_ready(a)}
-        if not increments or not all(isinstance(i.get("weight"), merging.SparseIncrement) for i in increments.values()):
+        if not increments or any(
+            set(i) != {"weight"} or not isinstance(i["weight"], merging.SparseIncrement) for i in increments.values()
+        ):
             return None
         base = self.get_base_layer()
+        if self.is_quantized:
+            fresh = self.fold_source(x)
+            if not callable(fresh):
+                return None  # the layer must run its own product (8-bit inference, CUDA 4-bit on few tokens)
+            inputs, bias = self.fold_inputs(x)
+            weight = fresh(inputs.dtype)  # a buffer of this call's own: nothing to put back
+
+            def product(part: torch.Tensor) -> torch.Tensor:
+                return F.linear(part, weight, bias).to(x.dtype)
+        else:
+            inputs, weight = x, base.weight.data
+
+            def product(part: torch.Tensor) -> torch.Tensor:
+                return base(part, *args, **kwargs)
+
+        sparse = {a: self._in_storage_layout("weight", i["weight"]) for a, i in increments.items()}
         whole = len(groups) == 1
         result = None
-        saved: Optional[dict[str, merging.Saved]] = None  # what the increment now in the weight overwrote
+        saved: Optional[merging.SavedEntries] = None  # what the increment now in the weight overwrote
         try:
             for adapter, rows in groups:
                 rows = rows if isinstance(rows, slice) else rows.to(x.device)
-                part = x if whole else mixed_batch.take_rows(x, rows)
-                if adapter in increments:
-                    saved = self._fold_in(saved, increments[adapter])
+                part = inputs if whole else mixed_batch.take_rows(inputs, rows)
+                if adapter in sparse:
+                    saved = merging.fold_next(weight, saved, sparse[adapter])
                 elif saved is not None:
-                    self._restore_saved(saved)
+                    saved.restore(weight)
                     saved = None
-                out = base(part, *args, **kwargs)
+                out = product(part)
                 if whole:
                     return out
                 if result is None:
                     result = out.new_empty((x.shape[0], *out.shape[1:]))
                 mixed_batch.put_rows(result, rows, out)
         finally:
-            if saved is not None:
-                self._restore_saved(saved)
+            if saved is not None and not self.is_quantized:
+                saved.restore(weight)
         return result
-
-    def _fold_in(self, saved: Optional[dict[str, merging.Saved]], increments: dict[str, merging.Increment]):
-        """Put ``increments`` into the base parameters in place of the folded increment whose overwritten entries are
-        ``saved`` (None: nothing folded). Adapters on one support (as trained from one base with the default
-        magnitude selection) swap with one scatter per parameter; others restore first, then save and add."""
-        if saved is not None and self._rewrite_saved(saved, increments):
-            return saved
-        if saved is not None:
-            self._restore_saved(saved)
-        return {name: self._add_to_base_parameter(name, inc) for name, inc in increments.items()}
 
     def _rewrite_saved(self, saved: dict[str, merging.Saved], increments: dict[str, merging.Increment]) -> bool:
         """Where ``increments`` are sparse on exactly the entries ``saved`` holds, set those entries to the saved base

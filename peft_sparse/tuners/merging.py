@@ -137,6 +137,17 @@ def rewrite(tensor: torch.Tensor, saved: SavedEntries, increment: SparseIncremen
     tensor.view(-1).index_copy_(0, saved.index, saved.values + increment.values.to(tensor.dtype))
 
 
+def fold_next(tensor: torch.Tensor, saved: Optional[SavedEntries], increment: SparseIncrement) -> SavedEntries:
+    """Replace the sparse increment folded into ``tensor`` (whose overwritten entries are ``saved``; None: none) by
+    ``increment``: one rewrite where both sit on the same support of a contiguous tensor, else restore and add."""
+    if saved is not None and tensor.is_contiguous() and same_support(saved, increment):
+        rewrite(tensor, saved, increment)
+        return saved
+    if saved is not None:
+        saved.restore(tensor)
+    return add_saving(tensor, increment)
+
+
 def _changed_region(delta: torch.Tensor) -> tuple[str, Optional[torch.Tensor]]:
     """The cheapest region to save that covers every non-zero entry of ``delta``."""
     nonzero = delta != 0
