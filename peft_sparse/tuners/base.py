@@ -79,13 +79,15 @@ class SparseTunerLayer(nn.Module, BaseTunerLayer):
     ``read_checkpoint``.
     """
 
-    #: Whether a mixed batch may fold each group's sparse increment into a float weight in place (see
-    #: ``mixed_batch_forward``); False always takes the base product plus sparse products.
+    #: Whether a mixed batch may fold each group's sparse increment into the weight (a float weight in place, a
+    #: quantized one's dequantized buffer; see ``mixed_batch_forward``); False always takes the base product plus
+    #: sparse products.
     fold_mixed_batches: bool = True
     #: Fewest tokens per row group for folding: below it (generation's one token a row) a group's sparse product
-    #: costs less than the gather and two scatters of a fold plus the smaller products (crossover measured at 16-32
-    #: tokens on SmolLM2's projections, 2 CPU threads).
-    fold_min_tokens: int = 32
+    #: costs less than writing its support into the weight plus a smaller product. SmolLM2, fp32, 2 CPU threads
+    #: (benchmarks/serving.py, mixed phase): at 64 tokens a group (8 adapters in 8 x 64 tokens) the products took
+    #: 1,102 ms against the fold's 1,225; at 128 tokens (4 adapters) the fold 960 ms against 1,148.
+    fold_min_tokens: int = 128
 
     def _init_tuner_layer(self, base_layer: nn.Module, adapter_name: str) -> None:
         self.base_layer = base_layer
@@ -227,10 +229,9 @@ class SparseTunerLayer(nn.Module, BaseTunerLayer):
         (``add_increment``) on its rows only, so the increments cost one batch's worth in total, whatever the number
         of adapters. Adapters this layer does not hold (or cannot run yet) leave their rows at the base output.
 
-        Sparse weight increments (SparseMask) on a float base, without autograd, take a faster route instead
-        (``_folded_mixed_batch``) when the groups hold ``fold_min_tokens`` tokens or more: on the CPU a sparse product
-        of 64+ tokens costs a third to a half of the dense one, while scattering a support into the weight costs a
-        few percent of it.
+        Sparse weight increments (SparseMask), without autograd, take a faster route instead
+        (``_folded_mixed_batch``) when the groups hold ``fold_min_tokens`` tokens or more: a group's sparse product
+        then costs more than writing its support into the weight and running a smaller dense product.
         """
         groups = mixed_batch.row_groups(adapter_names)
         tokens_per_group = x.numel() // max(1, x.shape[-1] * len(groups))
