@@ -170,8 +170,9 @@ def llama_4bit_dir(tmp_path_factory):
 QUANTIZED = ["bitfit", "layerselect", "sparsemask", "sparsemask-mask", "dps", "learner"]
 
 
-@pytest.mark.parametrize("tuner", QUANTIZED)
-def test_each_row_equals_its_adapter_alone_on_a_4bit_base(llama_4bit_dir, tuner):
+def two_adapters_on_4bit(llama_4bit_dir, tuner: str):
+    """``tuner`` with two differently trained adapters on the 4-bit LLaMA (eval mode), a batch, and each row's
+    output through each adapter alone and through the base."""
     import bitsandbytes as bnb
 
     base = load_4bit(llama_4bit_dir)
@@ -192,7 +193,14 @@ def test_each_row_equals_its_adapter_alone_on_a_4bit_base(llama_4bit_dir, tuner)
         with model.disable_adapter():
             alone["__base__"] = model(input_ids=ids).logits
         model.set_adapter("default")
-        assert not torch.allclose(alone["default"], alone["other"], atol=1e-4)
+    assert not torch.allclose(alone["default"], alone["other"], atol=1e-4)
+    return model, ids, alone
+
+
+@pytest.mark.parametrize("tuner", QUANTIZED)
+def test_each_row_equals_its_adapter_alone_on_a_4bit_base(llama_4bit_dir, tuner):
+    model, ids, alone = two_adapters_on_4bit(llama_4bit_dir, tuner)
+    with torch.no_grad():
         mixed = model(input_ids=ids, adapter_names=NAMES).logits
     for row, name in enumerate(NAMES):
         torch.testing.assert_close(mixed[row], alone[name][row], rtol=1e-4, atol=1e-4, msg=f"row {row} ({name})")
@@ -208,22 +216,7 @@ def test_a_4bit_base_folds_each_group_into_one_dequantized_buffer(llama_4bit_dir
     from peft_sparse import quantized
     from peft_sparse.tuners.base import SparseTunerLayer
 
-    model = get_peft_model(load_4bit(llama_4bit_dir), config_for(tuner, "llama"))
-    train(model, "llama", steps=2, lr=2e-2)
-    model.add_adapter("other", config_for(tuner, "llama"))
-    model.set_adapter("other")
-    train(model, "llama", steps=3, lr=3e-2)
-    model.set_adapter("default")
-    model.eval()
-    ids = make_batch("llama", batch=len(NAMES))["input_ids"]
-    with torch.no_grad():
-        alone = {}
-        for adapter in ("default", "other"):
-            model.set_adapter(adapter)
-            alone[adapter] = model(input_ids=ids).logits
-        with model.disable_adapter():
-            alone["__base__"] = model(input_ids=ids).logits
-        model.set_adapter("default")
+    model, ids, alone = two_adapters_on_4bit(llama_4bit_dir, tuner)
     packed = {n: p.detach().clone() for n, p in model.named_parameters() if p.dtype == torch.uint8}
     monkeypatch.setattr(SparseTunerLayer, "fold_min_tokens", 2)
     dequantized, bnb_products = [], []
