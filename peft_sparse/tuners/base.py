@@ -201,9 +201,7 @@ class SparseTunerLayer(nn.Module, BaseTunerLayer):
         values plus the increments (one scatter per parameter, exact) and return True; else change nothing."""
         new = {name: self._in_storage_layout(name, inc) for name, inc in increments.items()}
         base = self.get_base_layer()
-        if new.keys() != saved.keys() or not all(
-            merging.same_support(saved[n], new[n]) and getattr(base, n).is_contiguous() for n in new
-        ):
+        if new.keys() != saved.keys() or not all(merging.can_rewrite(getattr(base, n), saved[n], new[n]) for n in new):
             return False
         with torch.no_grad():
             for name, increment in new.items():

@@ -131,6 +131,11 @@ def same_support(saved: "Saved", increment: Increment) -> bool:
     return saved.index is index or (saved.index.shape == index.shape and bool(torch.equal(saved.index, index)))
 
 
+def can_rewrite(tensor: torch.Tensor, saved: "Saved", increment: Increment) -> bool:
+    """Whether ``rewrite`` can swap ``increment`` in: contiguous ``tensor``, the same support as ``saved``."""
+    return tensor.is_contiguous() and same_support(saved, increment)
+
+
 def rewrite(tensor: torch.Tensor, saved: SavedEntries, increment: SparseIncrement) -> None:
     """Set the saved entries of contiguous ``tensor`` to their saved (base) values plus ``increment``: an exact swap
     of one merged sparse increment for another on the same support, in one scatter."""
@@ -140,7 +145,7 @@ def rewrite(tensor: torch.Tensor, saved: SavedEntries, increment: SparseIncremen
 def fold_next(tensor: torch.Tensor, saved: Optional[SavedEntries], increment: SparseIncrement) -> SavedEntries:
     """Replace the sparse increment folded into ``tensor`` (whose overwritten entries are ``saved``; None: none) by
     ``increment``: one rewrite where both sit on the same support of a contiguous tensor, else restore and add."""
-    if saved is not None and tensor.is_contiguous() and same_support(saved, increment):
+    if saved is not None and can_rewrite(tensor, saved, increment):
         rewrite(tensor, saved, increment)
         return saved
     if saved is not None:
