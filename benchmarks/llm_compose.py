@@ -243,12 +243,15 @@ def planned(args, rows: list[dict]) -> dict[str, list[dict[str, Any]]]:
     tasks, seeds = parse_list(args.tasks), [int(s) for s in parse_list(args.seeds)]
     plan: dict[str, list[dict[str, Any]]] = {"base": [], "single": [], "compose": []}
     plan["base"] = [c for c in (base_config(args, t) for t in tasks) if key_of(c) not in done]
-    for method in METHODS:
-        for seed in seeds:
-            for task in tasks:
+    # Seed-major, methods side by side: with two shards each finished seed gives a paired comparison and its
+    # combinations early, whenever the runs are cut off (they span sessions).
+    for seed in seeds:
+        for task in tasks:
+            for method in METHODS:
                 config = single_config(args, method, task, seed)
                 if key_of(config) not in done:
                     plan["single"].append(config)
+        for method in METHODS:
             for combo in parse_list(args.combos):
                 config = compose_config(args, method, seed, combo, tasks)
                 if key_of(config) not in done:
