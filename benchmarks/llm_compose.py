@@ -385,7 +385,8 @@ def report(args) -> str:
                    + f" | {j['verdict'] if j else '-'} |")
     out += ["", "## The two tasks' adapters combined 1:1 (`add_weighted_adapter`)", "",
             "Kept: the combined adapter's score on a task as a percentage of the same method and seed's single-task "
-            "score (gain kept: of its gain over the base model).", "",
+            "score (gain kept: of its gain over the base model, over the seeds whose single-task adapter beat the base "
+            "model).", "",
             "| combination | task | method | combined score | kept (%) | gain kept (%) | SparseMask − LoRA, kept | verdict |",
             "|---|---|---|---:|---:|---:|---:|---|"]
     for combo in parse_list(args.combos):
@@ -396,7 +397,7 @@ def report(args) -> str:
                 kept[method] = {s: 100 * r["scores"][task] / r["single"][task] for s, r in runs.items()
                                 if r["single"][task]}
                 gains = [100 * (r["scores"][task] - bases[task]) / (r["single"][task] - bases[task])
-                         for r in runs.values() if task in bases and r["single"][task] != bases[task]]
+                         for r in runs.values() if task in bases and r["single"][task] > bases[task]]
                 cells[method] = (f"{fmt_interval([r['scores'][task] for r in runs.values()])} | "
                                  f"{fmt_interval(list(kept[method].values()))} | {fmt_interval(gains)}")
             j = judged(kept[OURS], kept[BASELINE])
