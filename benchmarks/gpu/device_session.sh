@@ -11,11 +11,14 @@
 # and extended there.
 #
 # Here first: `python benchmarks/gpu/prepare_wheels.py` (peft 0.21.2, and bitsandbytes 0.50.2 cut to its CPU and
-# CUDA 13 libraries, into .whl/). Then, from the repository root on the device machine, with .whl carried (and .gpu,
-# MiniLM in fp16 and the GLUE TSVs, for evidence only; the qlora and kernels models are random):
+# CUDA 13 libraries, into .whl/), and for evidence `python benchmarks/gpu/prepare_evidence.py` (.gpu/: MiniLM in fp16
+# and the GLUE TSVs packed; the qlora and kernels models are random). Then, from the repository root on the device
+# machine, with .whl carried (and .gpu for evidence):
 #
 #   bash benchmarks/gpu/device_session.sh                # qlora,serving,kernels in 540 s: the run tool's timeout_s 600
 #   bash benchmarks/gpu/device_session.sh qlora 240      # qlora alone, a rerun on the warm machine (timeout_s 300)
+#   bash benchmarks/gpu/device_session.sh evidence 240   # the evidence rows still to run (2026-12-06: LoRA at dropout 0,
+#                                                        # about 17 GPU-minutes in 12 shards; carry .whl and .gpu)
 #
 # Arguments: the phases to run (default qlora,serving,kernels), the seconds this call may take in all (default 540), the
 # number of evidence shards (default 12). DRY_RUN=1 checks the logic on a CPU: no install, qlora_step.py --tiny, the
@@ -119,13 +122,15 @@ if [[ $phases == *,evidence,* ]] && ((budget - SECONDS < 150)); then
   echo "evidence: skipped, $((budget - SECONDS)) s left"
 elif [[ $phases == *,evidence,* ]]; then
   [[ -f benchmarks/evidence/gpu.jsonl ]] && cp benchmarks/evidence/gpu.jsonl "$OUT/gpu.jsonl"
+  glue=.gpu/glue  # prepare_evidence.py packs the GLUE folders into .gpu/glue.tar.gz (the call's 64 MiB)
+  if [[ -f .gpu/glue.tar.gz ]]; then mkdir -p /tmp/gpu-data && tar xzf .gpu/glue.tar.gz -C /tmp/gpu-data && glue=/tmp/gpu-data/glue; fi
   # start no run in the last 90 s; a run in flight then still has time to finish
   minutes=$(python3 -c "print(max(0.2, ($budget - $SECONDS - 90) / 60))")
   echo "== evidence: $shards shards, start no run after $minutes min"
   pids=()
   for ((s = 0; s < shards; s++)); do
     gpu timeout $((budget - SECONDS - 10)) python3 benchmarks/evidence.py --claims 1,4 --seeds 5 --device cuda \
-      --model .gpu/minilm --glue-dir .gpu/glue --results "$OUT/gpu.jsonl" --shard "$s/$shards" \
+      --model .gpu/minilm --glue-dir "$glue" --results "$OUT/gpu.jsonl" --shard "$s/$shards" \
       --deadline-min "$minutes" > "/tmp/shard$s.log" 2>&1 &
     pids+=($!)
   done
