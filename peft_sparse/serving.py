@@ -41,6 +41,10 @@ SWAP_CONFIG_KEYS: dict[str, tuple[str, ...]] = {
 _PEFT_PREFIX = "base_model.model."
 
 
+#: The hub options ``hotswap_adapter`` passes on to PEFT's readers (as ``PeftModel.from_pretrained`` takes them).
+HUB_KWARGS = ("subfolder", "revision", "cache_dir", "token")
+
+
 def hotswap_adapter(
     model: nn.Module,
     model_name_or_path: str,
@@ -56,7 +60,10 @@ def hotswap_adapter(
     ``subfolder``, ``revision``, ``cache_dir``, ``token`` for the hub. ``ValueError`` when the saved adapter is of
     another method, config or targets, or does not fit; the model is then left as it was.
     """
-    hub = {k: kwargs[k] for k in ("subfolder", "revision", "cache_dir", "token") if kwargs.get(k) is not None}
+    unknown = sorted(set(kwargs) - set(HUB_KWARGS))
+    if unknown:  # a misspelt option would otherwise be ignored and the adapter read from elsewhere
+        raise TypeError(f"hotswap_adapter() got unexpected keyword arguments {unknown}; it takes {list(HUB_KWARGS)}")
+    hub = {k: kwargs[k] for k in HUB_KWARGS if kwargs.get(k) is not None}
     try:
         peft_type = PeftConfig._get_peft_type(model_name_or_path, **hub)
     except KeyError as error:

@@ -166,6 +166,8 @@ def test_bad_checkpoints_are_refused_naming_the_difference_and_change_nothing(me
     refused(model, truncated, "Cannot read the adapter weights")
     with pytest.raises(ValueError, match="no adapter 'nope'"):
         hotswap_adapter(model, ours, adapter_name="nope")
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['revison'\]"):  # misspelt: not ignored
+        hotswap_adapter(model, blocks, revison="main")
     torch.testing.assert_close(logits(model, batch), before, rtol=0, atol=0)
 
 
