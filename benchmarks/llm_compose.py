@@ -19,15 +19,16 @@ each trained on its own chat-posed GLUE task, then the two tasks' adapters combi
 Resumable: every finished run appends a row to ``--results`` (JSON lines), keyed by a hash of what it depends on; a
 rerun skips rows that are there. ``--plan`` lists the runs still to do with an estimate of their CPU time;
 ``--report`` writes ``llm_compose.md`` (tables, verdicts) and ``llm_compose.png`` from the rows alone. ``--shard
-i/n`` runs every n-th single run (two single-thread shards side by side on 2 cores); compose runs follow once both
-tasks' adapters of a method and seed exist.
+i/n`` runs every n-th single run (two single-thread shards side by side on 2 cores); a compose run follows as soon as
+both tasks' adapters of its method and seed exist. The adapters stay in ``OUT_DIR/adapters`` (git-ignored): a single
+run whose adapter a later checkout lacks is trained again while a composition still needs it.
 
     # the plan and its time, then the runs (2 base scores, 12 training runs, 12 combinations; at most about 9 hours
     # on 2 quiet cores with the defaults, every run to --max-steps; early stopping ends most sooner), the report
     python benchmarks/llm_compose.py --glue-dir ../shared/data/glue --plan
     python benchmarks/llm_compose.py --glue-dir ../shared/data/glue --threads 1 --shard 0/2 &
     python benchmarks/llm_compose.py --glue-dir ../shared/data/glue --threads 1 --shard 1/2 &
-    wait; python benchmarks/llm_compose.py --glue-dir ../shared/data/glue      # the compose rows
+    wait; python benchmarks/llm_compose.py --glue-dir ../shared/data/glue      # any compose rows left
     python benchmarks/llm_compose.py --report
 
     # check the pipeline in minutes
@@ -236,8 +237,15 @@ def parse_list(text: str) -> list[str]:
     return [x for x in text.split(",") if x]
 
 
-def planned(args, rows: list[dict]) -> dict[str, list[dict[str, Any]]]:
-    """The configs still to run, by kind (a compose run needs both its sources)."""
+def has_adapter(row: dict[str, Any]) -> bool:
+    """Whether a single run's saved adapter is on this disk (adapters are not committed: a later checkout lacks them)."""
+    return (Path(row["adapter"]) / "adapter_config.json").exists()
+
+
+def planned(args, rows: list[dict]) -> dict[str, list[dict]]:
+    """The configs still to run, by kind. A compose run needs both its sources' adapters on this disk: a single run
+    whose row is there but whose adapter is not (trained in an earlier session) is planned again while a composition
+    still needs it; its new row replaces the old one."""
     done = {r["key"] for r in rows}
     singles = {r["key"]: r for r in rows if r["config"]["kind"] == "single"}
     tasks, seeds = parse_list(args.tasks), [int(s) for s in parse_list(args.seeds)]
@@ -246,17 +254,20 @@ def planned(args, rows: list[dict]) -> dict[str, list[dict[str, Any]]]:
     # Seed-major, methods side by side: with two shards each finished seed gives a paired comparison and its
     # combinations early, whenever the runs are cut off (they span sessions).
     for seed in seeds:
-        for task in tasks:
-            for method in METHODS:
-                config = single_config(args, method, task, seed)
-                if key_of(config) not in done:
-                    plan["single"].append(config)
         for method in METHODS:
             for combo in parse_list(args.combos):
                 config = compose_config(args, method, seed, combo, tasks)
                 if key_of(config) not in done:
                     plan["compose"].append(config)
-    plan["compose_ready"] = [c for c in plan["compose"] if all(k in singles for k in c["sources"])]
+    lost = {k for c in plan["compose"] for k in c["sources"] if k in singles and not has_adapter(singles[k])}
+    for seed in seeds:
+        for task in tasks:
+            for method in METHODS:
+                config = single_config(args, method, task, seed)
+                if key_of(config) not in done or key_of(config) in lost:
+                    plan["single"].append(config)
+    plan["compose_ready"] = [c for c in plan["compose"]
+                             if all(k in singles and has_adapter(singles[k]) for k in c["sources"])]
     return plan
 
 
@@ -297,7 +308,6 @@ def plan_text(args, plan: dict[str, list]) -> str:
 
 def execute(args) -> None:
     results = Path(args.results)
-    rows = read_rows(results)
     tokenizer = load_base(args)[1]
     cache: dict[str, TaskData] = {}
 
@@ -306,22 +316,28 @@ def execute(args) -> None:
             cache[task] = TaskData(args, task, tokenizer)
         return cache[task]
 
-    plan = planned(args, rows)
+    def run_composes(configs: list[dict[str, Any]]) -> None:
+        singles = {r["key"]: r for r in read_rows(results) if r["config"]["kind"] == "single"}
+        for config in configs:
+            print(f"[compose] {config['method']} seed {config['seed']} {config['combo']}", flush=True)
+            sources = {task: singles[k] for task, k in zip(config["tasks"], config["sources"])}
+            row = compose(args, config, sources, {task: data_of(task) for task in config["tasks"]})
+            append_row(results, {**row, "commit": git_commit()})
+
+    plan = planned(args, read_rows(results))
     for config in shard(plan["base"], args.shard):
         print(f"[base] {config['task']}", flush=True)
         append_row(results, base_score(args, config, data_of(config["task"])))
+    run_composes(shard(plan["compose_ready"], args.shard))  # their adapters are here (an earlier run's)
     for config in shard(plan["single"], args.shard):
         print(f"[single] {config['method']} {config['task']} seed {config['seed']}", flush=True)
         row = train_single(args, config, data_of(config["task"]))
         append_row(results, {**row, "commit": git_commit()})
         print(f"[single] score {row['score']:.1f} after {row['steps']} steps (best {row['best_step']})", flush=True)
-    rows = read_rows(results)
-    singles = {r["key"]: r for r in rows if r["config"]["kind"] == "single"}
-    for config in shard(planned(args, rows)["compose_ready"], args.shard):
-        print(f"[compose] {config['method']} seed {config['seed']} {config['combo']}", flush=True)
-        sources = {task: singles[k] for task, k in zip(config["tasks"], config["sources"])}
-        row = compose(args, config, sources, {task: data_of(task) for task in config["tasks"]})
-        append_row(results, {**row, "commit": git_commit()})
+        # the combinations this run completes, now, while their adapters are on this disk (the shard that trained
+        # a composition's last source runs it, so two shards never run one twice)
+        run_composes([c for c in planned(args, read_rows(results))["compose_ready"] if row["key"] in c["sources"]])
+    run_composes(shard(planned(args, read_rows(results))["compose_ready"], args.shard))
 
 
 def git_commit() -> str:
