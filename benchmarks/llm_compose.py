@@ -253,31 +253,29 @@ def planned(args, rows: list[dict]) -> dict[str, list[dict]]:
     plan["base"] = [c for c in (base_config(args, t) for t in tasks) if key_of(c) not in done]
     # Seed-major, methods side by side: with two shards each finished seed gives a paired comparison and its
     # combinations early, whenever the runs are cut off (they span sessions).
-    for seed in seeds:
-        for method in METHODS:
-            for combo in parse_list(args.combos):
-                config = compose_config(args, method, seed, combo, tasks)
-                if key_of(config) not in done:
-                    plan["compose"].append(config)
+    plan["all_compose"] = [compose_config(args, method, seed, combo, tasks)
+                           for seed in seeds for method in METHODS for combo in parse_list(args.combos)]
+    plan["compose"] = [c for c in plan["all_compose"] if key_of(c) not in done]
     lost = {k for c in plan["compose"] for k in c["sources"] if k in singles and not has_adapter(singles[k])}
-    for seed in seeds:
-        for task in tasks:
-            for method in METHODS:
-                config = single_config(args, method, task, seed)
-                if key_of(config) not in done or key_of(config) in lost:
-                    plan["single"].append(config)
+    plan["all_single"] = [single_config(args, method, task, seed)
+                          for seed in seeds for task in tasks for method in METHODS]
+    plan["single"] = [c for c in plan["all_single"] if key_of(c) not in done or key_of(c) in lost]
     plan["compose_ready"] = [c for c in plan["compose"]
                              if all(k in singles and has_adapter(singles[k]) for k in c["sources"])]
     return plan
 
 
-def shard(items: list, text: Optional[str]) -> list:
+def shard(items: list, text: Optional[str], universe: Optional[list] = None) -> list:
+    """The items of shard ``text`` ("i/n"): every n-th of ``universe`` (default: ``items``) from the i-th, that are in
+    ``items``. Sharding the whole plan rather than what is left keeps a run in one shard when shards start at
+    different times (a shard restarted while the other trains)."""
     if not text:
         return items
     index, count = (int(x) for x in text.split("/"))
     if not 0 <= index < count:
         raise SystemExit(f"--shard {text}: want i/n with 0 <= i < n")
-    return items[index::count]
+    keys = {key_of(c) for c in items}
+    return [c for c in (universe if universe is not None else items)[index::count] if key_of(c) in keys]
 
 
 def estimate_s(args, kind: str) -> float:
@@ -328,8 +326,8 @@ def execute(args) -> None:
     for config in shard(plan["base"], args.shard):
         print(f"[base] {config['task']}", flush=True)
         append_row(results, base_score(args, config, data_of(config["task"])))
-    run_composes(shard(plan["compose_ready"], args.shard))  # their adapters are here (an earlier run's)
-    for config in shard(plan["single"], args.shard):
+    run_composes(shard(plan["compose_ready"], args.shard, plan["all_compose"]))  # adapters here from earlier runs
+    for config in shard(plan["single"], args.shard, plan["all_single"]):
         print(f"[single] {config['method']} {config['task']} seed {config['seed']}", flush=True)
         row = train_single(args, config, data_of(config["task"]))
         append_row(results, {**row, "commit": git_commit()})
@@ -337,7 +335,8 @@ def execute(args) -> None:
         # the combinations this run completes, now, while their adapters are on this disk (the shard that trained
         # a composition's last source runs it, so two shards never run one twice)
         run_composes([c for c in planned(args, read_rows(results))["compose_ready"] if row["key"] in c["sources"]])
-    run_composes(shard(planned(args, read_rows(results))["compose_ready"], args.shard))
+    plan = planned(args, read_rows(results))
+    run_composes(shard(plan["compose_ready"], args.shard, plan["all_compose"]))
 
 
 def git_commit() -> str:

@@ -103,6 +103,19 @@ def test_a_composition_whose_source_adapter_is_gone_trains_that_source_again(roo
     assert compose.planned(args, after)["single"] == [] and compose.planned(args, after)["compose"] == []
 
 
+def test_a_shard_keeps_its_runs_when_the_other_shard_has_finished_some(root):
+    """Shards are cut from the whole plan, not from what is left: a shard restarted while the other still trains
+    takes none of the other's runs."""
+    args = compose.parse_args(argv(root))
+    plan = compose.planned(args, [])
+    first, second = (compose.shard(plan["single"], f"{i}/2", plan["all_single"]) for i in (0, 1))
+    assert {compose.key_of(c) for c in first}.isdisjoint(compose.key_of(c) for c in second)
+    assert len(first) + len(second) == len(plan["all_single"])
+    left = plan["single"][1:]  # shard 0's first run has finished: shard 1 restarted now takes the same runs
+    assert compose.shard(left, "1/2", plan["all_single"]) == second
+    assert compose.shard(left, "0/2", plan["all_single"]) == first[1:]
+
+
 def test_the_verdict_is_evidence_pys_rule():
     assert compose.judged({0: 80.0, 1: 81.0, 2: 79.0}, {0: 80.5, 1: 81.2, 2: 79.1})["verdict"] == "confirmed"
     assert compose.judged({0: 70.0, 1: 71.0, 2: 69.5}, {0: 80.0, 1: 81.0, 2: 79.0})["verdict"] == "refuted"
