@@ -333,7 +333,7 @@ def execute(args) -> None:
         append_row(results, {**row, "commit": git_commit()})
         print(f"[single] score {row['score']:.1f} after {row['steps']} steps (best {row['best_step']})", flush=True)
         # the combinations this run completes, now, while their adapters are on this disk (the shard that trained
-        # a composition's last source runs it, so two shards never run one twice)
+        # a composition's last source runs it; a row written twice by two shards counts once, the last)
         run_composes([c for c in planned(args, read_rows(results))["compose_ready"] if row["key"] in c["sources"]])
     plan = planned(args, read_rows(results))
     run_composes(shard(plan["compose_ready"], args.shard, plan["all_compose"]))
