@@ -20,7 +20,7 @@ Resumable: every finished run appends a row to ``--results`` (JSON lines), keyed
 rerun skips rows that are there. ``--plan`` lists the runs still to do with an estimate of their CPU time;
 ``--report`` writes ``llm_compose.md`` (tables, verdicts) and ``llm_compose.png`` from the rows alone. ``--shard
 i/n`` runs every n-th single run (two single-thread shards side by side on 2 cores); a compose run follows as soon as
-both tasks' adapters of its method and seed exist. The adapters stay in ``OUT_DIR/adapters`` (git-ignored): a single
+both tasks' adapters of its method and seed exist, in the shard that trains the later of the two. The adapters stay in ``OUT_DIR/adapters`` (git-ignored): a single
 run whose adapter a later checkout lacks is trained again while a composition still needs it.
 
     # the plan and its time, then the runs (2 base scores, 12 training runs, 12 combinations; at most about 9 hours
@@ -253,9 +253,9 @@ def planned(args, rows: list[dict]) -> dict[str, list[dict]]:
     plan["base"] = [c for c in (base_config(args, t) for t in tasks) if key_of(c) not in done]
     # Seed-major, methods side by side: with two shards each finished seed gives a paired comparison and its
     # combinations early, whenever the runs are cut off (they span sessions).
-    plan["all_compose"] = [compose_config(args, method, seed, combo, tasks)
-                           for seed in seeds for method in METHODS for combo in parse_list(args.combos)]
-    plan["compose"] = [c for c in plan["all_compose"] if key_of(c) not in done]
+    plan["compose"] = [c for c in (compose_config(args, method, seed, combo, tasks)
+                                   for seed in seeds for method in METHODS for combo in parse_list(args.combos))
+                       if key_of(c) not in done]
     lost = {k for c in plan["compose"] for k in c["sources"] if k in singles and not has_adapter(singles[k])}
     plan["all_single"] = [single_config(args, method, task, seed)
                           for seed in seeds for task in tasks for method in METHODS]
@@ -276,6 +276,16 @@ def shard(items: list, text: Optional[str], universe: Optional[list] = None) -> 
         raise SystemExit(f"--shard {text}: want i/n with 0 <= i < n")
     keys = {key_of(c) for c in items}
     return [c for c in (universe if universe is not None else items)[index::count] if key_of(c) in keys]
+
+
+def owned(composes: list, text: Optional[str], all_single: list) -> list:
+    """The compose runs of shard ``text``: those whose last source (in plan order) that shard trains. One owner per
+    combination, so two shards never run one, whenever each looks; the owner looks after each of its runs."""
+    if not text:
+        return composes
+    index, count = (int(x) for x in text.split("/"))
+    position = {key_of(c): i for i, c in enumerate(all_single)}
+    return [c for c in composes if max(position[k] for k in c["sources"]) % count == index]
 
 
 def estimate_s(args, kind: str) -> float:
@@ -326,17 +336,15 @@ def execute(args) -> None:
     for config in shard(plan["base"], args.shard):
         print(f"[base] {config['task']}", flush=True)
         append_row(results, base_score(args, config, data_of(config["task"])))
-    run_composes(shard(plan["compose_ready"], args.shard, plan["all_compose"]))  # adapters here from earlier runs
+    run_composes(owned(plan["compose_ready"], args.shard, plan["all_single"]))  # adapters here from earlier runs
     for config in shard(plan["single"], args.shard, plan["all_single"]):
         print(f"[single] {config['method']} {config['task']} seed {config['seed']}", flush=True)
         row = train_single(args, config, data_of(config["task"]))
         append_row(results, {**row, "commit": git_commit()})
         print(f"[single] score {row['score']:.1f} after {row['steps']} steps (best {row['best_step']})", flush=True)
-        # the combinations this run completes, now, while their adapters are on this disk (the shard that trained
-        # a composition's last source runs it; a row written twice by two shards counts once, the last)
-        run_composes([c for c in planned(args, read_rows(results))["compose_ready"] if row["key"] in c["sources"]])
-    plan = planned(args, read_rows(results))
-    run_composes(shard(plan["compose_ready"], args.shard, plan["all_compose"]))
+        # the combinations ready now, while their adapters are on this disk
+        run_composes(owned(planned(args, read_rows(results))["compose_ready"], args.shard, plan["all_single"]))
+    run_composes(owned(planned(args, read_rows(results))["compose_ready"], args.shard, plan["all_single"]))
 
 
 def git_commit() -> str:

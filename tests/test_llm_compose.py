@@ -114,6 +114,12 @@ def test_a_shard_keeps_its_runs_when_the_other_shard_has_finished_some(root):
     left = plan["single"][1:]  # shard 0's first run has finished: shard 1 restarted now takes the same runs
     assert compose.shard(left, "1/2", plan["all_single"]) == second
     assert compose.shard(left, "0/2", plan["all_single"]) == first[1:]
+    # each combination has one owner: the shard that trains its later source
+    owners = [compose.owned(plan["compose"], f"{i}/2", plan["all_single"]) for i in (0, 1)]
+    assert sorted(compose.key_of(c) for o in owners for c in o) == sorted(compose.key_of(c) for c in plan["compose"])
+    for i, mine in enumerate(owners):
+        trained = {compose.key_of(c) for c in (first, second)[i]}
+        assert all(c["sources"][-1] in trained for c in mine)
 
 
 def test_the_verdict_is_evidence_pys_rule():
