@@ -20,8 +20,9 @@ Resumable: every finished run appends a row to ``--results`` (JSON lines), keyed
 rerun skips rows that are there. ``--plan`` lists the runs still to do with an estimate of their CPU time;
 ``--report`` writes ``llm_compose.md`` (tables, verdicts) and ``llm_compose.png`` from the rows alone. ``--shard
 i/n`` runs every n-th single run (two single-thread shards side by side on 2 cores); a compose run follows as soon as
-both tasks' adapters of its method and seed exist, in the shard that trains the later of the two. The adapters stay in ``OUT_DIR/adapters`` (git-ignored): a single
-run whose adapter a later checkout lacks is trained again while a composition still needs it.
+both tasks' adapters of its method and seed exist, in the shard that trains the later of the two. The adapters stay
+in ``OUT_DIR/adapters`` (git-ignored): a single run whose adapter a later checkout lacks is trained again while a
+composition still needs it.
 
     # the plan and its time, then the runs (2 base scores, 12 training runs, 12 combinations; at most about 9 hours
     # on 2 quiet cores with the defaults, every run to --max-steps; early stopping ends most sooner), the report
@@ -238,7 +239,7 @@ def parse_list(text: str) -> list[str]:
 
 
 def has_adapter(row: dict[str, Any]) -> bool:
-    """Whether a single run's saved adapter is on this disk (adapters are not committed: a later checkout lacks them)."""
+    """Whether a single run's saved adapter is on this disk (adapters are git-ignored: a later checkout lacks them)."""
     return (Path(row["adapter"]) / "adapter_config.json").exists()
 
 
@@ -250,7 +251,8 @@ def planned(args, rows: list[dict]) -> dict[str, list[dict]]:
     singles = {r["key"]: r for r in rows if r["config"]["kind"] == "single"}
     tasks, seeds = parse_list(args.tasks), [int(s) for s in parse_list(args.seeds)]
     plan: dict[str, list[dict[str, Any]]] = {"base": [], "single": [], "compose": []}
-    plan["base"] = [c for c in (base_config(args, t) for t in tasks) if key_of(c) not in done]
+    plan["all_base"] = [base_config(args, t) for t in tasks]
+    plan["base"] = [c for c in plan["all_base"] if key_of(c) not in done]
     # Seed-major, methods side by side: with two shards each finished seed gives a paired comparison and its
     # combinations early, whenever the runs are cut off (they span sessions).
     plan["compose"] = [c for c in (compose_config(args, method, seed, combo, tasks)
@@ -265,17 +267,23 @@ def planned(args, rows: list[dict]) -> dict[str, list[dict]]:
     return plan
 
 
-def shard(items: list, text: Optional[str], universe: Optional[list] = None) -> list:
-    """The items of shard ``text`` ("i/n"): every n-th of ``universe`` (default: ``items``) from the i-th, that are in
-    ``items``. Sharding the whole plan rather than what is left keeps a run in one shard when shards start at
-    different times (a shard restarted while the other trains)."""
-    if not text:
-        return items
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` as ``(i, n)``."""
     index, count = (int(x) for x in text.split("/"))
     if not 0 <= index < count:
         raise SystemExit(f"--shard {text}: want i/n with 0 <= i < n")
+    return index, count
+
+
+def shard(items: list, text: Optional[str], universe: list) -> list:
+    """The items of shard ``text`` ("i/n"): every n-th of ``universe``, the whole plan of that kind, from the i-th,
+    that are in ``items``. Cutting the whole plan rather than what is left keeps a run in one shard when shards start
+    at different times (a shard restarted while the other trains)."""
+    if not text:
+        return items
+    index, count = parse_shard(text)
     keys = {key_of(c) for c in items}
-    return [c for c in (universe if universe is not None else items)[index::count] if key_of(c) in keys]
+    return [c for c in universe[index::count] if key_of(c) in keys]
 
 
 def owned(composes: list, text: Optional[str], all_single: list) -> list:
@@ -283,7 +291,7 @@ def owned(composes: list, text: Optional[str], all_single: list) -> list:
     combination, so two shards never run one, whenever each looks; the owner looks after each of its runs."""
     if not text:
         return composes
-    index, count = (int(x) for x in text.split("/"))
+    index, count = parse_shard(text)
     position = {key_of(c): i for i, c in enumerate(all_single)}
     return [c for c in composes if max(position[k] for k in c["sources"]) % count == index]
 
@@ -333,7 +341,7 @@ def execute(args) -> None:
             append_row(results, {**row, "commit": git_commit()})
 
     plan = planned(args, read_rows(results))
-    for config in shard(plan["base"], args.shard):
+    for config in shard(plan["base"], args.shard, plan["all_base"]):
         print(f"[base] {config['task']}", flush=True)
         append_row(results, base_score(args, config, data_of(config["task"])))
     run_composes(owned(plan["compose_ready"], args.shard, plan["all_single"]))  # adapters here from earlier runs

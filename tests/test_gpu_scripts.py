@@ -146,7 +146,8 @@ def test_prepare_evidence_packs_fp16_minilm_and_glue_that_the_evidence_runs_read
     prepare = load(ROOT / "benchmarks" / "gpu" / "prepare_evidence.py")
     glue = tmp_path / "glue-src"
     (glue / "MRPC").mkdir(parents=True)
-    rows = "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\tA cat sat.\tA cat was sitting.\n0\t3\t4\tIt rains.\tStocks fell.\n"
+    rows = ("\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+            "1\t1\t2\tA cat sat.\tA cat was sitting.\n0\t3\t4\tIt rains.\tStocks fell.\n")
     for split in ("train", "dev"):
         (glue / "MRPC" / f"{split}.tsv").write_text(rows, encoding="utf-8")
     with pytest.raises(SystemExit, match="no folder SST-2"):
@@ -157,7 +158,8 @@ def test_prepare_evidence_packs_fp16_minilm_and_glue_that_the_evidence_runs_read
     prepare.write_model(prepare.minilm_folder(), dest / "minilm")
     with tarfile.open(dest / "glue.tar.gz") as tar:
         tar.extractall(tmp_path / "unpacked", filter="data")
-    assert load_glue_task("mrpc", "dev", str(tmp_path / "unpacked" / "glue")) == load_glue_task("mrpc", "dev", str(glue))
+    unpacked = tmp_path / "unpacked" / "glue"
+    assert load_glue_task("mrpc", "dev", str(unpacked)) == load_glue_task("mrpc", "dev", str(glue))
 
     original = load_file(str(prepare.minilm_folder() / "model.safetensors"))
     carried = load_file(str(dest / "minilm" / "model.safetensors"))
