@@ -296,6 +296,13 @@ def owned(composes: list, text: Optional[str], all_single: list) -> list:
     return [c for c in composes if max(position[k] for k in c["sources"]) % count == index]
 
 
+def shard_plan(plan: dict[str, list], text: Optional[str]) -> dict[str, list]:
+    """What shard ``text`` runs of ``plan``: its base and single runs, and the combinations it owns."""
+    return {**plan, "base": shard(plan["base"], text, plan["all_base"]),
+            "single": shard(plan["single"], text, plan["all_single"]),
+            "compose": owned(plan["compose"], text, plan["all_single"])}
+
+
 def estimate_s(args, kind: str) -> float:
     """CPU seconds of one run at most (max steps, every evaluation), from the constants above."""
     tokens = args.length / 64
@@ -527,7 +534,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.plan:
-        print(plan_text(args, planned(args, read_rows(Path(args.results)))))
+        print(plan_text(args, shard_plan(planned(args, read_rows(Path(args.results))), args.shard)))
         return
     if not args.report:
         execute(args)

@@ -120,6 +120,10 @@ def test_a_shard_keeps_its_runs_when_the_other_shard_has_finished_some(root):
     for i, mine in enumerate(owners):
         trained = {compose.key_of(c) for c in (first, second)[i]}
         assert all(c["sources"][-1] in trained for c in mine)
+    # --plan with --shard lists that shard's runs only
+    for i in (0, 1):
+        mine = compose.shard_plan(plan, f"{i}/2")
+        assert mine["single"] == (first, second)[i] and mine["compose"] == owners[i]
 
 
 def test_the_verdict_is_evidence_pys_rule():
