@@ -61,12 +61,16 @@ import peft_sparse  # noqa: E402, F401  (registers the tuners: their adapters lo
 from evidence import interval, verdict  # noqa: E402
 from methods import method_config, trainable_entries  # noqa: E402
 
-#: The compared methods: name -> (examples/methods.py method, options, learning rate).
+#: The methods: name -> (examples/methods.py method, options, learning rate). The first two run by default, each at
+#: the causal-LM example's rate (``DEFAULT_LR``), as a user gets them; ``lora-r8-lr2e-3`` is a second LoRA row at 4 x
+#: that rate (at 5e-4 LoRA stops at MRPC's majority class), run with ``--methods``.
 METHODS: dict[str, tuple[str, dict[str, Any], float]] = {
     "sparsemask-lora-equal": ("sparsemask", {"match_lora_r": 8}, 5e-3),
     "lora-r8": ("lora", {"r": 8, "lora_dropout": 0.0}, 5e-4),
+    "lora-r8-lr2e-3": ("lora", {"r": 8, "lora_dropout": 0.0}, 2e-3),
 }
 OURS, BASELINE = "sparsemask-lora-equal", "lora-r8"
+DEFAULT_METHODS = f"{OURS},{BASELINE}"
 NEEDS_DENSITY = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
 #: Seconds of one training step of 8 rows of 64 tokens on SmolLM2 (fp32, 2 threads; benchmarks/RESULTS.md), and of
 #: one forward of 16 scored rows: the --plan estimate scales them by rows and tokens.
@@ -250,17 +254,18 @@ def planned(args, rows: list[dict]) -> dict[str, list[dict]]:
     done = {r["key"] for r in rows}
     singles = {r["key"]: r for r in rows if r["config"]["kind"] == "single"}
     tasks, seeds = parse_list(args.tasks), [int(s) for s in parse_list(args.seeds)]
+    methods = parse_list(args.methods)
     plan: dict[str, list[dict[str, Any]]] = {"base": [], "single": [], "compose": []}
     plan["all_base"] = [base_config(args, t) for t in tasks]
     plan["base"] = [c for c in plan["all_base"] if key_of(c) not in done]
     # Seed-major, methods side by side: with two shards each finished seed gives a paired comparison and its
     # combinations early, whenever the runs are cut off (they span sessions).
     plan["compose"] = [c for c in (compose_config(args, method, seed, combo, tasks)
-                                   for seed in seeds for method in METHODS for combo in parse_list(args.combos))
+                                   for seed in seeds for method in methods for combo in parse_list(args.combos))
                        if key_of(c) not in done]
     lost = {k for c in plan["compose"] for k in c["sources"] if k in singles and not has_adapter(singles[k])}
     plan["all_single"] = [single_config(args, method, task, seed)
-                          for seed in seeds for task in tasks for method in METHODS]
+                          for seed in seeds for task in tasks for method in methods]
     plan["single"] = [c for c in plan["all_single"] if key_of(c) not in done or key_of(c) in lost]
     plan["compose_ready"] = [c for c in plan["compose"]
                              if all(k in singles and has_adapter(singles[k]) for k in c["sources"])]
@@ -380,6 +385,14 @@ def judged(values: dict[int, float], others: dict[int, float]) -> Optional[dict[
             "verdict": verdict(diff - half, diff + half)}
 
 
+def judgement(values: dict[int, float], others: dict[int, float]) -> str:
+    """The last two cells of a verdict row: the paired difference with its interval, and the verdict."""
+    j = judged(values, others)
+    if j is None:
+        return "- | - (fewer than 2 paired seeds) |"
+    return f"{j['diff']:+.1f} [{j['low']:+.1f}, {j['high']:+.1f}] | {j['verdict']} |"
+
+
 def fmt_interval(values: list[float]) -> str:
     if not values:
         return "-"
@@ -402,47 +415,77 @@ def current(args, rows: list[dict]) -> tuple[dict, dict, dict]:
     return singles, composes, bases
 
 
+def shown_methods(singles: dict, tasks: list[str]) -> list[str]:
+    """The methods with rows under the present settings, SparseMask and the headline LoRA always."""
+    return [m for m in METHODS if m in (OURS, BASELINE) or any(singles[(m, t)] for t in tasks)]
+
+
+def learned_both(runs: dict[str, dict[int, dict]], bases: dict[str, float], tasks: list[str]) -> set[int]:
+    """The seeds where every method's two single-task adapters beat the base model: only there does the score a
+    combination keeps compare the methods (an adapter that learned nothing keeps its task's base score, and its
+    partner's score, for free)."""
+    seeds = set.intersection(*(set(r) for r in runs.values()))
+    return {s for s in seeds if all(r[s]["single"][t] > bases.get(t, math.inf) for r in runs.values() for t in tasks)}
+
+
 def report(args) -> str:
     rows = read_rows(Path(args.results))
     singles, composes, bases = current(args, rows)
     tasks = parse_list(args.tasks)
+    methods = shown_methods(singles, tasks)
+    baselines = [m for m in methods if m != OURS]
     out = ["# SparseMask vs LoRA on SmolLM2: single tasks, then two tasks' adapters combined", "",
-           f"Results: `{args.results}`; settings: {json.dumps(shared_settings(args))}. Scores: dev answer accuracy "
-           "(points), mean ± 95 % interval over seeds. Verdict (benchmarks/evidence.py): the 95 % interval of the "
-           "paired difference SparseMask − LoRA; confirmed if its low end is above −1 point, refuted if its high "
-           "end is below −1, inconclusive otherwise.", "", "## Each method on its own task", "",
-           "| task | base model | " + " | ".join(METHODS) + " | best step by seed, per method | SparseMask − LoRA | verdict |",
-           "|---|---:|" + "---:|" * len(METHODS) + "---|---:|---|"]
+           f"Results: `{args.results}`; settings: {json.dumps(shared_settings(args))}. Learning rates: "
+           + ", ".join(f"{m} {METHODS[m][2]:g}" for m in methods) + " (`lora-r8` and SparseMask at the causal-LM "
+           "example's rates, as a user gets them; a further LoRA row is a second row, not the headline). Scores: dev "
+           "answer accuracy (points), mean ± 95 % interval over seeds. Verdict (benchmarks/evidence.py): the 95 % "
+           "interval of the paired difference SparseMask − LoRA; confirmed if its low end is above −1 point, refuted "
+           "if its high end is below −1, inconclusive otherwise.", "", "## Each method on its own task", "",
+           "| task | base model | " + " | ".join(methods) + " | best step by seed, per method |",
+           "|---|---:|" + "---:|" * len(methods) + "---|"]
+    scores = {(m, t): {s: r["score"] for s, r in singles[(m, t)].items()} for m in methods for t in tasks}
     for task in tasks:
-        scores = {m: {s: r["score"] for s, r in singles[(m, task)].items()} for m in METHODS}
-        steps = "; ".join(f"{', '.join(str(r['best_step']) for r in singles[(m, task)].values()) or '-'}" for m in METHODS)
-        j = judged(scores[OURS], scores[BASELINE])
+        steps = "; ".join(f"{', '.join(str(r['best_step']) for r in singles[(m, task)].values()) or '-'}"
+                          for m in methods)
         base = f"{bases[task]:.1f}" if task in bases else "-"
-        out.append(f"| {task} | {base} | " + " | ".join(fmt_interval(list(v.values())) for v in scores.values())
-                   + f" | {steps} | " + (f"{j['diff']:+.1f} [{j['low']:+.1f}, {j['high']:+.1f}]" if j else "-")
-                   + f" | {j['verdict'] if j else '-'} |")
+        out.append(f"| {task} | {base} | " + " | ".join(fmt_interval(list(scores[(m, task)].values())) for m in methods)
+                   + f" | {steps} |")
+    out += ["", "| task | against | paired seeds | SparseMask − LoRA | verdict |", "|---|---|---:|---:|---|"]
+    for task in tasks:
+        for baseline in baselines:
+            ours, theirs = scores[(OURS, task)], scores[(baseline, task)]
+            out.append(f"| {task} | {baseline} | {len(set(ours) & set(theirs))} | " + judgement(ours, theirs))
     out += ["", "## The two tasks' adapters combined 1:1 (`add_weighted_adapter`)", "",
             "Kept: the combined adapter's score on a task as a percentage of the same method and seed's single-task "
             "score (gain kept: of its gain over the base model, over the seeds whose single-task adapter beat the base "
             "model).", "",
-            "| combination | task | method | combined score | kept (%) | gain kept (%) | SparseMask − LoRA, kept | verdict |",
-            "|---|---|---|---:|---:|---:|---:|---|"]
+            "| combination | task | method | combined score | kept (%) | gain kept (%) |",
+            "|---|---|---|---:|---:|---:|"]
+    kept: dict[tuple[str, str, str], dict[int, float]] = {}
     for combo in parse_list(args.combos):
         for task in tasks:
-            kept, cells = {}, {}
-            for method in METHODS:
+            for method in methods:
                 runs = composes[(method, combo)]
-                kept[method] = {s: 100 * r["scores"][task] / r["single"][task] for s, r in runs.items()
-                                if r["single"][task]}
+                kept[(combo, task, method)] = {s: 100 * r["scores"][task] / r["single"][task] for s, r in runs.items()
+                                               if r["single"][task]}
                 gains = [100 * (r["scores"][task] - bases[task]) / (r["single"][task] - bases[task])
                          for r in runs.values() if task in bases and r["single"][task] > bases[task]]
-                cells[method] = (f"{fmt_interval([r['scores'][task] for r in runs.values()])} | "
-                                 f"{fmt_interval(list(kept[method].values()))} | {fmt_interval(gains)}")
-            j = judged(kept[OURS], kept[BASELINE])
-            for method in METHODS:
-                judgement = (f"{j['diff']:+.1f} [{j['low']:+.1f}, {j['high']:+.1f}] | {j['verdict']}"
-                             if j and method == OURS else " | ")
-                out.append(f"| {combo} | {task} | {method} | {cells[method]} | {judgement} |")
+                out.append(f"| {combo} | {task} | {method} | "
+                           f"{fmt_interval([r['scores'][task] for r in runs.values()])} | "
+                           f"{fmt_interval(list(kept[(combo, task, method)].values()))} | {fmt_interval(gains)} |")
+    out += ["", "Kept compared, SparseMask − LoRA, over the seeds where both methods' two single-task adapters beat "
+            "the base model (elsewhere a method whose adapter learned nothing keeps its task's base score, and leaves "
+            "its partner undisturbed, for free):", "",
+            "| combination | task | against | seeds where both learned both tasks | SparseMask − LoRA, kept "
+            "| verdict |",
+            "|---|---|---|---:|---:|---|"]
+    for combo in parse_list(args.combos):
+        for task in tasks:
+            for baseline in baselines:
+                seeds = learned_both({m: composes[(m, combo)] for m in (OURS, baseline)}, bases, tasks)
+                ours, theirs = ({s: v for s, v in kept[(combo, task, m)].items() if s in seeds}
+                                for m in (OURS, baseline))
+                out.append(f"| {combo} | {task} | {baseline} | {len(seeds)} | " + judgement(ours, theirs))
     out += ["", "For SparseMask, `linear` is the exact sum of the two increments on the union of their supports; "
             "PEFT's LoRA `linear` combines the A and B factors separately (an approximation of the sum; its `cat` is "
             "exact). `dare_linear` keeps each entry of every increment (SparseMask) or factor (LoRA) with probability "
@@ -458,9 +501,10 @@ def plot(args, path: Path) -> None:
 
     singles, composes, bases = current(args, read_rows(Path(args.results)))
     tasks, combos = parse_list(args.tasks), parse_list(args.combos)
+    methods = shown_methods(singles, tasks)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    width = 0.8 / len(METHODS)
-    for i, method in enumerate(METHODS):
+    width = 0.8 / len(methods)
+    for i, method in enumerate(methods):
         means = [statistics_mean([r["score"] for r in singles[(method, t)].values()]) for t in tasks]
         axes[0].bar([x + i * width for x in range(len(tasks))], means, width, label=method)
         for x, t in enumerate(tasks):
@@ -468,18 +512,18 @@ def plot(args, path: Path) -> None:
                             [r["score"] for r in singles[(method, t)].values()], color="black", s=8, zorder=3)
     for x, t in enumerate(tasks):
         if t in bases:
-            axes[0].hlines(bases[t], x - width / 2, x + width * (len(METHODS) - 0.5), colors="grey", linestyles="--")
-    axes[0].set_xticks([x + width * (len(METHODS) - 1) / 2 for x in range(len(tasks))], tasks)
+            axes[0].hlines(bases[t], x - width / 2, x + width * (len(methods) - 0.5), colors="grey", linestyles="--")
+    axes[0].set_xticks([x + width * (len(methods) - 1) / 2 for x in range(len(tasks))], tasks)
     axes[0].set_ylabel("dev accuracy (points)")
     axes[0].set_title("single task (dashed: base model)")
     axes[0].legend(fontsize=8)
     labels = [f"{c}\n{t}" for c in combos for t in tasks]
-    for i, method in enumerate(METHODS):
+    for i, method in enumerate(methods):
         kept = [statistics_mean([100 * r["scores"][t] / r["single"][t] for r in composes[(method, c)].values()
                                  if r["single"][t]]) for c in combos for t in tasks]
         axes[1].bar([x + i * width for x in range(len(labels))], kept, width, label=method)
     axes[1].axhline(100, color="grey", ls="--")
-    axes[1].set_xticks([x + width * (len(METHODS) - 1) / 2 for x in range(len(labels))], labels, fontsize=8)
+    axes[1].set_xticks([x + width * (len(methods) - 1) / 2 for x in range(len(labels))], labels, fontsize=8)
     axes[1].set_ylabel("single-task score kept (%)")
     axes[1].set_title("two tasks' adapters combined 1:1")
     axes[1].legend(fontsize=8)
@@ -503,6 +547,7 @@ def parse_args(argv=None):
     parser.add_argument("--tasks", default="sst2,mrpc", help="two of sst2, mrpc, rte, cola")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--combos", default="linear,dare_linear")
+    parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"some of {', '.join(METHODS)}")
     parser.add_argument("--density", type=float, default=0.5, help="of the combinations that prune")
     parser.add_argument("--train-samples", type=int, default=2000)
     parser.add_argument("--holdout", type=int, default=200, help="training rows held out for early stopping")
@@ -524,6 +569,9 @@ def parse_args(argv=None):
     tasks = parse_list(args.tasks)
     if len(tasks) != 2 or any(t not in example.GLUE_PROMPTS for t in tasks):
         parser.error(f"--tasks: two of {sorted(example.GLUE_PROMPTS)}, got {args.tasks!r}")
+    unknown = [m for m in parse_list(args.methods) if m not in METHODS]
+    if unknown or not parse_list(args.methods):
+        parser.error(f"--methods {unknown or args.methods!r}: choose from {', '.join(METHODS)}")
     bad = [c for c in parse_list(args.combos) if c not in ("linear", "cat", *NEEDS_DENSITY)]
     if bad:
         parser.error(f"--combos {bad}: choose from linear, cat, {', '.join(NEEDS_DENSITY)}")

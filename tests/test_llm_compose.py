@@ -137,3 +137,55 @@ def test_bad_tasks_and_combinations_are_refused(root):
         compose.parse_args(argv(root, "--tasks", "sst2"))
     with pytest.raises(SystemExit):
         compose.parse_args(argv(root, "--combos", "svd"))
+
+
+def _rows(args, single_scores: dict, kept_scores: dict, bases: dict) -> list[dict]:
+    """Result rows as the runs write them: ``single_scores[(method, task, seed)]`` and the combined ``linear``
+    scores ``kept_scores[(method, task, seed)]``."""
+    rows = [{"config": (c := compose.base_config(args, t)), "key": compose.key_of(c), "score": s}
+            for t, s in bases.items()]
+    for (method, task, seed), score in single_scores.items():
+        c = compose.single_config(args, method, task, seed)
+        rows.append({"config": c, "key": compose.key_of(c), "score": score, "best_step": 25})
+    for method, seed in {(m, s) for m, _, s in kept_scores}:
+        c = compose.compose_config(args, method, seed, "linear", ["sst2", "mrpc"])
+        rows.append({"config": c, "key": compose.key_of(c),
+                     "scores": {t: kept_scores[(method, t, seed)] for t in ("sst2", "mrpc")},
+                     "single": {t: single_scores[(method, t, seed)] for t in ("sst2", "mrpc")}})
+    return rows
+
+
+def test_the_report_judges_each_lora_row_and_compares_combinations_only_where_both_methods_learned(root, tmp_path):
+    """A second LoRA row (``--methods``) gets its own verdicts; combinations are compared only over the seeds where
+    both methods' single-task adapters beat the base model (an adapter that learned nothing keeps its score free)."""
+    results = tmp_path / "results.jsonl"
+    args = compose.parse_args(argv(root, "--seeds", "0,1,2", "--combos", "linear", "--results", str(results)))
+    bases = {"sst2": 50.0, "mrpc": 68.0}
+    single, combined = {}, {}
+    for seed in (0, 1, 2):
+        for method, sst2, mrpc in (("sparsemask-lora-equal", 88.0, 73.0), ("lora-r8", 86.0, 68.0),
+                                   ("lora-r8-lr2e-3", 87.0, 72.0)):
+            single[(method, "sst2", seed)], single[(method, "mrpc", seed)] = sst2 + seed, mrpc
+            combined[(method, "sst2", seed)], combined[(method, "mrpc", seed)] = sst2 - 5 + seed, mrpc - 1
+    results.write_text("".join(compose.json.dumps(r) + "\n" for r in _rows(args, single, combined, bases)))
+    text = compose.report(args)
+    assert "| sst2 | lora-r8 | 3 | +2.0 [+2.0, +2.0] | confirmed |" in text
+    assert "| mrpc | lora-r8-lr2e-3 | 3 | +1.0 [+1.0, +1.0] | confirmed |" in text
+    # lora-r8 never beat the base on MRPC (68.0): no seed compares its combination; the 2e-3 row learned both
+    assert "| linear | sst2 | lora-r8 | 0 | - | - (fewer than 2 paired seeds) |" in text
+    assert "| linear | sst2 | lora-r8-lr2e-3 | 3 |" in text
+    # a method without rows is left out of the tables, the default two always shown
+    del single[("lora-r8-lr2e-3", "sst2", 0)]
+    rows = [r for r in _rows(args, single, {k: v for k, v in combined.items() if k[0] != "lora-r8-lr2e-3"}, bases)
+            if r["config"].get("method") != "lora-r8-lr2e-3"]
+    results.write_text("".join(compose.json.dumps(r) + "\n" for r in rows))
+    assert "lora-r8-lr2e-3" not in compose.report(args) and "| mrpc | lora-r8 | 3 |" in compose.report(args)
+
+
+def test_methods_choose_the_plan(root):
+    args = compose.parse_args(argv(root, "--methods", "lora-r8-lr2e-3"))
+    plan = compose.planned(args, [])
+    assert {c["method"] for c in plan["all_single"]} == {"lora-r8-lr2e-3"} and len(plan["all_single"]) == 4
+    assert all(c["lr"] == 2e-3 for c in plan["all_single"])
+    with pytest.raises(SystemExit):
+        compose.parse_args(argv(root, "--methods", "lora-r16"))
