@@ -59,14 +59,14 @@ from peft import PeftModel, get_peft_model  # noqa: E402
 import finetune_causal_lm as example  # noqa: E402
 import peft_sparse  # noqa: E402, F401  (registers the tuners: their adapters load)
 from evidence import interval, verdict  # noqa: E402
-from methods import method_config, trainable_entries  # noqa: E402
+from methods import DEFAULT_LR, method_config, trainable_entries  # noqa: E402
 
 #: The methods: name -> (examples/methods.py method, options, learning rate). The first two run by default, each at
-#: the causal-LM example's rate (``DEFAULT_LR``), as a user gets them; ``lora-r8-lr2e-3`` is a second LoRA row at 4 x
+#: the causal-LM example's rate (``DEFAULT_LR``: 5e-3, 5e-4), as a user gets them; ``lora-r8-lr2e-3`` is a second LoRA row at 4 x
 #: that rate (at 5e-4 LoRA stops at MRPC's majority class), run with ``--methods``.
 METHODS: dict[str, tuple[str, dict[str, Any], float]] = {
-    "sparsemask-lora-equal": ("sparsemask", {"match_lora_r": 8}, 5e-3),
-    "lora-r8": ("lora", {"r": 8, "lora_dropout": 0.0}, 5e-4),
+    "sparsemask-lora-equal": ("sparsemask", {"match_lora_r": 8}, DEFAULT_LR["sparsemask"]),
+    "lora-r8": ("lora", {"r": 8, "lora_dropout": 0.0}, DEFAULT_LR["lora"]),
     "lora-r8-lr2e-3": ("lora", {"r": 8, "lora_dropout": 0.0}, 2e-3),
 }
 OURS, BASELINE = "sparsemask-lora-equal", "lora-r8"
