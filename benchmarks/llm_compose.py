@@ -353,11 +353,12 @@ def execute(args) -> None:
             append_row(results, {**row, "commit": git_commit()})
 
     plan = planned(args, read_rows(results))
-    for config in shard(plan["base"], args.shard, plan["all_base"]):
+    mine = shard_plan(plan, args.shard)
+    for config in mine["base"]:
         print(f"[base] {config['task']}", flush=True)
         append_row(results, base_score(args, config, data_of(config["task"])))
     run_composes(owned(plan["compose_ready"], args.shard, plan["all_single"]))  # adapters here from earlier runs
-    for config in shard(plan["single"], args.shard, plan["all_single"]):
+    for config in mine["single"]:
         print(f"[single] {config['method']} {config['task']} seed {config['seed']}", flush=True)
         row = train_single(args, config, data_of(config["task"]))
         append_row(results, {**row, "commit": git_commit()})
